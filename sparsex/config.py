@@ -1,0 +1,42 @@
+"""Engine configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    """How an engine is built.
+
+    model: alias (``smollm2``, ``gemma3-270m``), a .gguf file or a model folder; None = the default.
+    device: ``cpu`` or ``cuda`` (compute is float32 on CPU).
+    kv_dtype: storage dtype of the KV cache (``float32``, ``bfloat16``, ``float16``).
+    block_size: tokens per KV block.
+    kv_cache_memory: KV pool size: bytes (int) or a fraction of available memory (float in (0, 1]).
+    max_kv_cache_bytes: cap applied when kv_cache_memory is a fraction.
+    max_num_seqs: most requests decoding together.
+    high_water: pool usage above which pinned segments start to be dropped.
+    """
+
+    model: str | None = None
+    device: str = "cpu"
+    kv_dtype: str = "float32"
+    block_size: int = 16
+    kv_cache_memory: int | float = 0.15
+    max_kv_cache_bytes: int = 4 << 30
+    max_num_seqs: int = 64
+    high_water: float = 0.9
+
+
+def available_memory_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return int(free)
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 8 << 30

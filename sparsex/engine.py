@@ -1,0 +1,273 @@
+"""The engine: ``LLM`` (the stable Python API) over scheduler, cache and model runner.
+
+    LLM.generate / chat / next_token_logprobs
+      -> add_request -> Scheduler -> step(): prefill one request | decode a batch
+         -> ModelRunner.forward -> sample -> RequestOutput
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from sparsex.cache.block_pool import BlockPool, blocks_for_budget
+from sparsex.config import EngineConfig, available_memory_bytes
+from sparsex.kv_cache import KVCache
+from sparsex.model_runner import ModelRunner, SeqInput
+from sparsex.models.loader import load_model, resolve_model
+from sparsex.request import Request, RequestMetrics
+from sparsex.sampler import make_generator, sample
+from sparsex.sampling_params import SamplingParams
+from sparsex.scheduler import Scheduler
+from sparsex.segments import Prompt
+from sparsex.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class PromptTooLongError(ValueError):
+    """The prompt (plus max_tokens) exceeds the model's context or the KV pool."""
+
+
+@dataclass
+class RequestOutput:
+    """What a finished (or streaming) request returns."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None
+    logprobs: list[float]
+    metrics: RequestMetrics
+
+
+class LLM:
+    """A loaded model with its KV cache, serving prompts.
+
+    >>> llm = LLM()  # default model (SmolLM2-135M-Instruct) on CPU
+    >>> llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0))[0].text
+    """
+
+    def __init__(self, model: str | None = None, device: str = "cpu", **kwargs: Any) -> None:
+        self.config = EngineConfig(model=model, device=device, **kwargs)
+        if self.config.kv_dtype not in DTYPES:
+            raise ValueError(f"kv_dtype must be one of {sorted(DTYPES)}, got {self.config.kv_dtype!r}")
+        self.device = torch.device(device)
+        self.model_path = resolve_model(model)
+        self.model, self.hf_config = load_model(self.model_path, self.device)
+        self.spec = self.model.spec
+        self.model_name = model or "smollm2"
+        self.tokenizer = Tokenizer(self.model_path)
+        kv_dtype = DTYPES[self.config.kv_dtype]
+        bs = self.config.block_size
+        per_block = KVCache.bytes_per_block(self.spec, bs, kv_dtype)
+        budget = self.config.kv_cache_memory
+        avail = available_memory_bytes(device)
+        if isinstance(budget, float):
+            avail = min(avail, int(self.config.max_kv_cache_bytes / budget))
+        num_blocks = blocks_for_budget(per_block, budget, avail)
+        self.pool = BlockPool(num_blocks, bs, high_water=self.config.high_water)
+        self.kv = KVCache(self.spec, num_blocks, bs, kv_dtype, self.device)
+        self.runner = ModelRunner(self.model, self.kv, self.device)  # type: ignore[arg-type]
+        self.scheduler = Scheduler(self.pool, bs, self.config.max_num_seqs)
+        self.eos_token_ids = self.tokenizer.eos_token_ids
+        self._ids = itertools.count()
+        self._generators: dict[str, torch.Generator | None] = {}
+
+    # ----- request lifecycle -------------------------------------------------------------
+
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> Request:
+        params = params or SamplingParams()
+        ids, spans = self.tokenizer.encode_prompt(prompt)
+        return self.add_tokenized(ids, params, spans, request_id)
+
+    def add_tokenized(
+        self, ids: list[int], params: SamplingParams, spans: Sequence[Any] = (), request_id: str | None = None
+    ) -> Request:
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if any((not isinstance(t, int)) or t < 0 or t >= self.spec.vocab_size for t in ids):
+            raise ValueError(f"token ids must be integers in [0, {self.spec.vocab_size})")
+        total = len(ids) + params.max_tokens
+        if total > self.spec.max_position:
+            raise PromptTooLongError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+                f"context of {self.spec.max_position} tokens"
+            )
+        req = Request(request_id or f"req-{next(self._ids)}", ids, params, list(spans))
+        if req.blocks_needed(self.pool.block_size) > self.pool.num_blocks:
+            raise PromptTooLongError(
+                f"prompt + max_tokens needs {total} tokens of KV but the pool holds "
+                f"{self.pool.num_blocks * self.pool.block_size}; raise kv_cache_memory"
+            )
+        req.metrics.num_prompt_tokens = len(ids)
+        self._generators[req.request_id] = make_generator(params, self.device)
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, req: Request) -> None:
+        """Stop a request and return its blocks at once."""
+        if not req.finished:
+            req.finish_reason = req.finish_reason or "abort"
+            self._finish(req)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def step(self) -> list[Request]:
+        """Run one engine step; returns the requests that got a new token."""
+        out = self.scheduler.schedule()
+        if out.prefill is not None:
+            req = out.prefill
+            try:
+                logits = self._prefill(req)
+            except Exception:
+                req.finish_reason = "error"
+                self._finish(req)
+                raise
+            self._append_token(req, logits)
+            return [req]
+        if not out.decode:
+            return []
+        seqs = []
+        for r in out.decode:
+            pos = r.num_tokens - 1
+            self._ensure_blocks(r, pos + 1)
+            seqs.append(SeqInput([r.output_token_ids[-1]], [pos], r.block_table, pos + 1))
+        logits = self.runner.forward(seqs)
+        for r, row in zip(out.decode, logits, strict=True):
+            r.num_computed_tokens += 1
+            self._append_token(r, row)
+        return out.decode
+
+    # ----- internals -----------------------------------------------------------------------
+
+    def _ensure_blocks(self, req: Request, num_tokens: int) -> None:
+        need = -(-num_tokens // self.pool.block_size) - len(req.block_table)
+        if need > 0:
+            req.block_table.extend(self.pool.allocate(need))
+
+    def _prefill(self, req: Request) -> torch.Tensor:
+        """Full prefill (method ``none``); the reuse methods replace this (sparsex.reuse)."""
+        n = len(req.prompt_token_ids)
+        self._ensure_blocks(req, n)
+        logits = self.runner.forward([SeqInput(req.prompt_token_ids, list(range(n)), req.block_table, n)])
+        req.num_computed_tokens = n
+        req.metrics.num_recomputed_tokens = n
+        return logits[0]
+
+    def _append_token(self, req: Request, logits: torch.Tensor) -> None:
+        now = time.perf_counter()
+        if req.first_token_time is None:
+            req.first_token_time = now
+            req.metrics.ttft_s = now - req.arrival_time
+        tok, lp = sample(logits, req.params, self._generators.get(req.request_id))
+        req.output_token_ids.append(tok)
+        req.output_logprobs.append(lp)
+        p = req.params
+        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+        if tok in stop_ids:
+            req.output_token_ids.pop() if tok not in p.stop_token_ids or tok in self.eos_token_ids else None
+            req.finish_reason = "stop"
+        req.text = self.tokenizer.decode(req.output_token_ids)
+        for s in p.stop:
+            at = req.text.find(s)
+            if at >= 0:
+                req.text = req.text[:at]
+                req.finish_reason = "stop"
+        if req.finish_reason is None and len(req.output_token_ids) >= p.max_tokens:
+            req.finish_reason = "length"
+        if req.finish_reason is not None:
+            self._finish(req)
+
+    def _finish(self, req: Request) -> None:
+        req.metrics.latency_s = time.perf_counter() - req.arrival_time
+        req.metrics.num_generated_tokens = len(req.output_token_ids)
+        self.scheduler.finish(req)
+        if req.block_table:
+            self.pool.release(req.block_table)
+            req.block_table = []
+        self._generators.pop(req.request_id, None)
+
+    @staticmethod
+    def output_of(req: Request) -> RequestOutput:
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_token_ids,
+            token_ids=list(req.output_token_ids),
+            text=req.text,
+            finished=req.finished,
+            finish_reason=req.finish_reason,
+            logprobs=list(req.output_logprobs),
+            metrics=req.metrics,
+        )
+
+    # ----- public API ------------------------------------------------------------------------
+
+    def generate(
+        self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | None = None
+    ) -> list[RequestOutput]:
+        """Generate for one prompt or a list of prompts; outputs keep the input order."""
+        batch = [prompts] if self._is_single(prompts) else list(prompts)  # type: ignore[arg-type]
+        reqs = [self.add_request(p, sampling_params) for p in batch]  # type: ignore[arg-type]
+        while not all(r.finished for r in reqs):
+            self.step()
+        return [self.output_of(r) for r in reqs]
+
+    @staticmethod
+    def _is_single(prompts: Any) -> bool:
+        if isinstance(prompts, str):
+            return True
+        return isinstance(prompts, list) and bool(prompts) and all(isinstance(t, int) for t in prompts)
+
+    def chat(
+        self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None
+    ) -> RequestOutput:
+        """One chat turn: the chat template renders ``messages``; every message is a segment."""
+        ids, spans = self.tokenizer.encode_prompt(self.tokenizer.chat_parts(messages), source="chat")
+        req = self.add_tokenized(ids, sampling_params or SamplingParams(), spans)
+        while not req.finished:
+            self.step()
+        return self.output_of(req)
+
+    def stream(self, req: Request) -> Iterator[str]:
+        """Drive the engine until ``req`` finishes, yielding its new text as it grows."""
+        sent = 0
+        hold = max((len(s) for s in req.params.stop), default=1) - 1
+        while not req.finished:
+            self.step()
+            safe = len(req.text) if req.finished else max(sent, len(req.text) - hold)
+            if safe > sent:
+                yield req.text[sent:safe]
+                sent = safe
+        if len(req.text) > sent:
+            yield req.text[sent:]
+
+    def next_token_logprobs(self, prompt: Prompt) -> np.ndarray:
+        """Log-probabilities over the vocabulary of the token after ``prompt`` (1-D float32)."""
+        req = self.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+        captured: list[torch.Tensor] = []
+        orig = self._append_token
+
+        def grab(r: Request, logits: torch.Tensor) -> None:
+            if r is req:
+                captured.append(logits)
+            orig(r, logits)
+
+        self._append_token = grab  # type: ignore[method-assign]
+        try:
+            while not req.finished:
+                self.step()
+        finally:
+            self._append_token = orig  # type: ignore[method-assign]
+        return torch.log_softmax(captured[0], dim=-1).numpy()

@@ -1,0 +1,97 @@
+"""Paged KV storage: per layer, one flat tensor of ``num_blocks * block_size`` slots.
+
+    slot = block_id * block_size + offset_in_block
+
+      block 0        block 1        block 7
+    [s0 .. s15]    [s16 .. s31]   [s112 .. s127]     one layer's K (and V) storage
+
+A request's block table lists its blocks in position order; position p lives in slot
+``table[p // bs] * bs + p % bs``. Block ids are managed by ``sparsex.cache.BlockPool``;
+this module only stores and moves tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparsex.attention import attend
+from sparsex.models.base import ModelSpec, SeqSlice, StepContext
+
+
+class KVCache:
+    """K/V tensors of every layer. Invariant: all layers share the same slot layout."""
+
+    def __init__(
+        self, spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.dtype = dtype
+        shape = (num_blocks * block_size, spec.num_kv_heads, spec.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+
+    @staticmethod
+    def bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * elem
+
+    def slots(self, block_table: list[int], positions: torch.Tensor) -> torch.Tensor:
+        """[n] flat slots of ``positions`` in a sequence with ``block_table``."""
+        table = torch.tensor(block_table, dtype=torch.int64, device=positions.device)
+        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def reader(self, block_table: list[int], ctx_len: int, device: torch.device) -> slice | torch.Tensor:
+        """How to read positions 0..ctx_len-1: a zero-copy slice if the blocks are consecutive."""
+        nb = -(-ctx_len // self.block_size)
+        used = block_table[:nb]
+        if used and used == list(range(used[0], used[0] + nb)):
+            start = used[0] * self.block_size
+            return slice(start, start + ctx_len)
+        return self.slots(block_table, torch.arange(ctx_len, device=device))
+
+    def read(self, layer: int, read: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer][read], self.v[layer][read]
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer].index_copy_(0, slots, k.to(self.dtype))
+        self.v[layer].index_copy_(0, slots, v.to(self.dtype))
+
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy K/V of every layer from slots ``src`` to slots ``dst``."""
+        for layer in range(len(self.k)):
+            self.k[layer].index_copy_(0, dst, self.k[layer][src])
+            self.v[layer].index_copy_(0, dst, self.v[layer][src])
+
+
+def paged_attention(
+    layer: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    step: StepContext,
+    *,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Write this step's fresh K/V, then attend every sequence over its whole KV.
+
+    q: [N, Hq, D]; k, v: [N, Hkv, D] (rotated). Returns [N, Hq, D].
+    """
+    kv: KVCache = step.kv  # type: ignore[assignment]
+    capture = layer in step.capture_layers
+    outs: list[torch.Tensor] = []
+    caps: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for s in step.seqs:
+        qs, ks, vs = q[s.start : s.end], k[s.start : s.end], v[s.start : s.end]
+        if capture:
+            caps.append((qs, kv.read(layer, s.read)[0].clone()))
+        kv.write(layer, s.slots, ks, vs)
+        if s.dense:  # fresh prefill: attend over the projections themselves, no read-back
+            outs.append(attend(qs, ks, vs, s.positions, scale=scale, window=window, dense_causal=True))
+            continue
+        k_all, v_all = kv.read(layer, s.read)
+        outs.append(attend(qs, k_all, v_all, s.positions, scale=scale, window=window))
+    if capture:
+        step.captured[layer] = caps
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)

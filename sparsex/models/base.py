@@ -1,0 +1,110 @@
+"""What every model family shares: its spec, the per-step context, norms, and the layer loop contract.
+
+A model exposes ``embed(ids)``, ``layer_forward(i, x, step)`` and ``compute_logits(x)`` so the
+runner can drive an explicit per-layer loop (and change which tokens are active between layers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from sparsex.models.rope import RopeTable
+
+
+@dataclass
+class ModelSpec:
+    """Shapes and per-layer attention settings of a loaded model.
+
+    model_type: transformers' model_type (llama, qwen2, qwen3, mistral, gemma3_text).
+    num_layers / num_heads / num_kv_heads / head_dim / hidden_size / vocab_size: shapes.
+    max_position: the model's context limit (max_position_embeddings).
+    windows: per layer, the sliding-window size or None for full attention.
+    rope: per layer, the RoPE table (Gemma 3 has one per layer type).
+    attn_scale: softmax scale of attention scores.
+    """
+
+    model_type: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_position: int
+    windows: list[int | None]
+    rope: list[RopeTable]
+    attn_scale: float
+    family: str = field(default="llama")
+
+
+class CausalLM(Protocol):
+    spec: ModelSpec
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def layer_forward(self, i: int, x: torch.Tensor, step: StepContext) -> torch.Tensor: ...
+
+    def compute_logits(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's active tokens inside a flat forward step.
+
+    start/end: rows [start, end) of the flat hidden-state tensor.
+    positions: [n] absolute positions of the active tokens, ascending.
+    slots: [n] flat KV slots the active tokens write to.
+    read: how to read the sequence's whole KV (positions 0..ctx_len-1): a slice of the flat storage
+        when its blocks are consecutive, else a [ctx_len] gather index.
+    ctx_len: number of KV positions visible after this step.
+    """
+
+    start: int
+    end: int
+    positions: torch.Tensor
+    slots: torch.Tensor
+    read: slice | torch.Tensor
+    ctx_len: int
+
+    @property
+    def dense(self) -> bool:
+        """True when the active tokens are exactly positions 0..ctx_len-1."""
+        return self.end - self.start == self.ctx_len
+
+
+@dataclass
+class StepContext:
+    """Everything a layer needs beyond its hidden states for one forward step.
+
+    seqs: the sequences in the step, in flat order.
+    positions: [N] positions of all active tokens (concatenated seqs).
+    kv: the paged KV storage (sparsex.kv_cache.KVCache).
+    capture_layers: layers whose queries and pre-write keys are recorded in ``captured``.
+    captured: layer -> list per seq of (q [n, Hq, D], k_before [ctx, Hkv, D]) for token selection.
+    """
+
+    seqs: list[SeqSlice]
+    positions: torch.Tensor
+    kv: object
+    capture_layers: frozenset[int] = frozenset()
+    captured: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    _cos_sin: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def cos_sin(self, table: RopeTable) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of this step's positions for ``table`` (computed once per step per table)."""
+        key = id(table)
+        if key not in self._cos_sin:
+            self._cos_sin[key] = table.cos_sin(self.positions)
+        return self._cos_sin[key]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """RMSNorm in float32; Gemma scales by (1 + w) (offset=1), Llama by w."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (xf * (offset + weight.float())).to(x.dtype)
+    return weight * xf.to(x.dtype)

@@ -1,0 +1,110 @@
+"""Rotary position embeddings: tables, application, and re-alignment of cached keys.
+
+Keys are stored *rotated* at the position where they were computed. Moving a
+cached key from position ``p`` to ``p'`` is one more rotation by ``p' - p``
+(RoPE scores depend only on relative offsets). To make an aligned key equal the
+key computed fresh at ``p'`` to float32 precision, the delta rotation is built
+from the very cos/sin tables the forward pass uses (fp32 angles, as transformers
+computes them), combined in float64: ``R(p') R(p)^T``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# rope_type values whose frequencies do not depend on the sequence length.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass
+class RopeTable:
+    """cos/sin tables of one RoPE variant, grown on demand.
+
+    inv_freq: [D/2] float32 inverse frequencies (after any rope scaling).
+    attention_scaling: multiplier applied to cos and sin (yarn's mscale; 1.0 otherwise).
+    """
+
+    inv_freq: torch.Tensor
+    attention_scaling: float = 1.0
+    _cos: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    _sin: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin at ``positions`` ([N] int64) -> two [N, D] float32 tensors."""
+        need = int(positions.max().item()) + 1 if positions.numel() else 0
+        if need > self._cos.shape[0]:
+            self._grow(max(need, 2 * self._cos.shape[0], 1024))
+        return self._cos[positions], self._sin[positions]
+
+    def _grow(self, n: int) -> None:
+        # Same arithmetic as transformers: fp32 positions times fp32 inv_freq.
+        freqs = torch.arange(n, dtype=torch.float32, device=self.inv_freq.device)[:, None] * self.inv_freq.float()[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [n, D]
+        self._cos = emb.cos() * self.attention_scaling
+        self._sin = emb.sin() * self.attention_scaling
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [N, H, D]; cos/sin: [N, D] -> rotated x (half-split layout, as in HF checkpoints)."""
+    cos = cos[:, None, :].to(x.dtype)  # [N, 1, D]
+    sin = sin[:, None, :].to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+def align_rope(
+    k: torch.Tensor, from_pos: torch.Tensor, to_pos: torch.Tensor, table: RopeTable
+) -> torch.Tensor:
+    """Move keys rotated at ``from_pos`` to ``to_pos``.
+
+    k: [N, H, D] keys (any float dtype); from_pos, to_pos: [N] int64.
+    Returns [N, H, D] in k's dtype. Rotating by Δ then by -Δ is the identity.
+    """
+    if k.numel() == 0 or torch.equal(from_pos, to_pos):
+        return k.clone()
+    s = table.attention_scaling
+    c0, s0 = (t.double() / s for t in table.cos_sin(from_pos))  # [N, D]
+    c1, s1 = (t.double() / s for t in table.cos_sin(to_pos))
+    # R(p') R(p)^T for each 2-D pair: angle difference via product formulas.
+    cd = (c1 * c0 + s1 * s0)[:, None, :]  # [N, 1, D]
+    sd = (s1 * c0 - c1 * s0)[:, None, :]
+    kd = k.double()
+    return (kd * cd + rotate_half(kd) * sd).to(k.dtype)
+
+
+def build_rope_table(hf_config: object, layer_type: str | None = None) -> RopeTable:
+    """RoPE table from a transformers config, refusing variants we cannot align exactly."""
+    with torch.device("cpu"):  # tables are real tensors even while a model is built on "meta"
+        return _build_rope_table(hf_config, layer_type)
+
+
+def _build_rope_table(hf_config: object, layer_type: str | None) -> RopeTable:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    if layer_type is not None and layer_type in params:
+        params = params[layer_type]
+    rope_type = params.get("rope_type", params.get("type", "default")) if params else "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"rope_type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)}); "
+            "length-dependent RoPE (dynamic, longrope) cannot be re-aligned exactly"
+        )
+    if rope_type == "default":
+        theta = float(params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+        head_dim = getattr(hf_config, "head_dim", None) or (
+            hf_config.hidden_size // hf_config.num_attention_heads  # type: ignore[attr-defined]
+        )
+        dim = int(head_dim * float(params.get("partial_rotary_factor", 1.0)))
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim))
+        return RopeTable(inv_freq=inv_freq.float(), attention_scaling=1.0)
+    fn = ROPE_INIT_FUNCTIONS[rope_type]
+    kwargs = {"layer_type": layer_type} if layer_type is not None else {}
+    inv_freq, scaling = fn(hf_config, torch.device("cpu"), **kwargs)
+    return RopeTable(inv_freq=inv_freq.float(), attention_scaling=float(scaling))

@@ -1,0 +1,79 @@
+"""Per-request state (pure Python: token ids, block ids, counters)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sparsex.sampling_params import SamplingParams
+from sparsex.segments import SegmentSpan
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestMetrics:
+    """Timings and cache statistics of one request.
+
+    ttft_s: seconds from arrival to the first token.
+    latency_s: seconds from arrival to the last token.
+    num_prompt_tokens: prompt length in tokens.
+    num_prefix_hit_tokens: prompt tokens served exactly by the prefix cache.
+    num_segment_hit_tokens: prompt tokens whose KV came from cached segments.
+    num_recomputed_tokens: prompt tokens that ran through the sparse (post-boundary) layers.
+    compute_fraction: fraction of a full prefill's per-layer token work actually done.
+    segment_sources: how many segment tokens came from each source (explicit, chat, auto, pinned).
+    reuse: the reuse method that served the request.
+    """
+
+    ttft_s: float = 0.0
+    latency_s: float = 0.0
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    num_prefix_hit_tokens: int = 0
+    num_segment_hit_tokens: int = 0
+    num_recomputed_tokens: int = 0
+    compute_fraction: float = 1.0
+    segment_sources: dict[str, int] = field(default_factory=dict)
+    reuse: str = "none"
+
+
+@dataclass
+class Request:
+    """A prompt being served. Invariant: ``block_table`` covers every computed KV position."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    spans: list[SegmentSpan] = field(default_factory=list)
+    reuse: Any = None
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_reserved_blocks: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+    text: str = ""
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    metrics: RequestMetrics = field(default_factory=RequestMetrics)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def blocks_needed(self, block_size: int) -> int:
+        """Blocks for the whole prompt plus every token it may generate."""
+        total = len(self.prompt_token_ids) + self.params.max_tokens
+        return -(-total // block_size)

@@ -1,0 +1,38 @@
+"""Turn logits into tokens: greedy, temperature, top-k, top-p, per-request seeds."""
+
+from __future__ import annotations
+
+import torch
+
+from sparsex.sampling_params import SamplingParams
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    if params.greedy or params.seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(params.seed)
+    return g
+
+
+def sample(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> tuple[int, float]:
+    """logits: [V] float32 -> (token id, its log-probability under the unmodified distribution)."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    if params.greedy:
+        tok = int(torch.argmax(logits))
+        return tok, float(logprobs[tok])
+    scaled = logits / params.temperature
+    if params.top_k > 0 and params.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, params.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= params.top_p  # keep the token crossing top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        scaled = torch.full_like(scaled, float("-inf")).scatter(0, order, sorted_logits)
+    probs = torch.softmax(scaled, dim=-1)
+    tok = int(torch.multinomial(probs, 1, generator=generator))
+    return tok, float(logprobs[tok])

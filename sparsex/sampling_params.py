@@ -1,0 +1,47 @@
+"""Sampling parameters of a request (pure Python, validated on construction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens after the prompt.
+
+    max_tokens: number of tokens to generate at most.
+    temperature: 0 means greedy.
+    top_p: nucleus sampling mass in (0, 1].
+    top_k: keep only the k most likely tokens (0 = no limit).
+    seed: per-request random seed for reproducible sampling (None = nondeterministic).
+    stop: strings that end generation; they are not included in the text.
+    stop_token_ids: token ids that end generation (in addition to the model's EOS).
+    ignore_eos: keep generating past the model's end-of-sequence tokens.
+    logprobs: return the log-probability of each generated token.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

@@ -1,0 +1,111 @@
+"""Tokenizer and chat template from the model's own files; prompts made of parts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sparsex.segments import Prompt, Segment, SegmentSource, SegmentSpan
+
+
+class Tokenizer:
+    """Wraps the model folder's Hugging Face tokenizer.
+
+    Parts of a prompt are tokenized separately and concatenated, so a segment has the
+    same token ids wherever it appears (a requirement for reusing its KV).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.hf = AutoTokenizer.from_pretrained(str(folder))
+        self.bos_token_id: int | None = self.hf.bos_token_id
+        self.add_bos = bool(getattr(self.hf, "add_bos_token", False)) and self.bos_token_id is not None
+        self.has_chat_template = bool(getattr(self.hf, "chat_template", None))
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids = {self.hf.eos_token_id} if self.hf.eos_token_id is not None else set()
+        for tok in ("<|im_end|>", "<end_of_turn>", "<|endoftext|>", "<|eot_id|>"):
+            tid = self.hf.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid != self.hf.unk_token_id and tid >= 0:
+                ids.add(tid)
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.hf.decode(ids, skip_special_tokens=True))
+
+    def encode_prompt(
+        self, prompt: Prompt, source: SegmentSource = "explicit"
+    ) -> tuple[list[int], list[SegmentSpan]]:
+        """Token ids of a prompt plus the spans of its segments (tagged with ``source``)."""
+        if isinstance(prompt, str):
+            return self._with_bos(self.encode(prompt)), []
+        if not isinstance(prompt, list):
+            raise TypeError(f"a prompt is a str, a list of token ids or a list of parts, got {type(prompt)}")
+        if all(isinstance(t, int) for t in prompt):
+            return list(prompt), []  # type: ignore[arg-type]
+        ids: list[int] = self._with_bos([])
+        spans: list[SegmentSpan] = []
+        for part in prompt:
+            if isinstance(part, Segment):
+                toks = self._tokens_of(part.content)
+                spans.append(SegmentSpan(len(ids), len(ids) + len(toks), source, part.namespace))
+            elif isinstance(part, (str, list)):
+                toks = self._tokens_of(part)
+            else:
+                raise TypeError(f"invalid prompt part {type(part).__name__}: expected str, list[int] or Segment")
+            ids.extend(toks)
+        return ids, spans
+
+    def _tokens_of(self, content: Any) -> list[int]:
+        if isinstance(content, str):
+            return self.encode(content)
+        if isinstance(content, list) and all(isinstance(t, int) for t in content):
+            return list(content)
+        raise TypeError("segment content must be a str or a list of token ids")
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        return [self.bos_token_id, *ids] if self.add_bos and self.bos_token_id is not None else ids
+
+    def chat_parts(self, messages: list[dict[str, Any]], namespace: str = "") -> list[str | Segment]:
+        """Render ``messages`` with the chat template, as parts: every message's text is a segment.
+
+        A message's ``content`` may be a string or an OpenAI-style list of parts; every text part
+        becomes its own segment. The template's scaffolding between them stays plain text.
+        """
+        if not self.has_chat_template:
+            raise ValueError("this model has no chat template; use generate() with a plain prompt")
+        texts: list[str] = []
+        flat: list[dict[str, str]] = []
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m:
+                raise ValueError("each chat message needs a 'role' and 'content'")
+            content = m.get("content", "")
+            if isinstance(content, list):
+                pieces = [p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text"]
+                if len(pieces) != len(content):
+                    raise ValueError("only text content parts are supported")
+            elif isinstance(content, str):
+                pieces = [content]
+            else:
+                raise ValueError("message content must be a string or a list of text parts")
+            texts.extend(pieces)
+            flat.append({"role": str(m["role"]), "content": "".join(pieces)})
+        rendered = str(self.hf.apply_chat_template(flat, tokenize=False, add_generation_prompt=True))
+        parts: list[str | Segment] = []
+        cursor = 0
+        for t in texts:
+            at = rendered.find(t, cursor) if t else -1
+            if at < 0:
+                continue
+            if at > cursor:
+                parts.append(rendered[cursor:at])
+            parts.append(Segment(t, namespace=namespace))
+            cursor = at + len(t)
+        if cursor < len(rendered):
+            parts.append(rendered[cursor:])
+        return parts
