@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -117,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_eval)
 
     args = parser.parse_args(argv)
-    t0 = time.perf_counter()
     try:
         rc = args.func(args)
     except KeyboardInterrupt:
@@ -125,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    del t0
     return int(rc or 0)
 
 
@@ -137,9 +134,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from sparsex.bench import evaluate
+    import importlib
 
-    return int(evaluate.main(args.rest) or 0)
+    return int(importlib.import_module("sparsex.bench.evaluate").main(args.rest) or 0)
 
 
 if __name__ == "__main__":

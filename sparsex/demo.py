@@ -21,4 +21,4 @@ def run_demo(model: str | None = None, device: str = "cpu", quick: bool = False)
         from sparsex.scenarios_demo import run_scenarios
     except ImportError:
         return 0
-    return run_scenarios(llm, quick=quick)
+    return int(run_scenarios(llm, quick=quick))

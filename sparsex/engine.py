@@ -20,6 +20,7 @@ from sparsex.cache.block_pool import BlockPool, blocks_for_budget
 from sparsex.config import EngineConfig, available_memory_bytes
 from sparsex.kv_cache import KVCache
 from sparsex.model_runner import ModelRunner, SeqInput
+from sparsex.models.base import ModelSpec
 from sparsex.models.loader import load_model, resolve_model
 from sparsex.request import Request, RequestMetrics
 from sparsex.sampler import make_generator, sample
@@ -63,7 +64,7 @@ class LLM:
         self.device = torch.device(device)
         self.model_path = resolve_model(model)
         self.model, self.hf_config = load_model(self.model_path, self.device)
-        self.spec = self.model.spec
+        self.spec: ModelSpec = self.model.spec  # type: ignore[assignment]
         self.model_name = model or "smollm2"
         self.tokenizer = Tokenizer(self.model_path)
         kv_dtype = DTYPES[self.config.kv_dtype]
@@ -171,6 +172,8 @@ class LLM:
         if req.first_token_time is None:
             req.first_token_time = now
             req.metrics.ttft_s = now - req.arrival_time
+            if req.keep_first_logits:
+                req.first_logits = logits.detach().clone()
         tok, lp = sample(logits, req.params, self._generators.get(req.request_id))
         req.output_token_ids.append(tok)
         req.output_logprobs.append(lp)
@@ -218,7 +221,7 @@ class LLM:
         self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | None = None
     ) -> list[RequestOutput]:
         """Generate for one prompt or a list of prompts; outputs keep the input order."""
-        batch = [prompts] if self._is_single(prompts) else list(prompts)  # type: ignore[arg-type]
+        batch = [prompts] if self._is_single(prompts) else list(prompts)
         reqs = [self.add_request(p, sampling_params) for p in batch]  # type: ignore[arg-type]
         while not all(r.finished for r in reqs):
             self.step()
@@ -256,18 +259,8 @@ class LLM:
     def next_token_logprobs(self, prompt: Prompt) -> np.ndarray:
         """Log-probabilities over the vocabulary of the token after ``prompt`` (1-D float32)."""
         req = self.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
-        captured: list[torch.Tensor] = []
-        orig = self._append_token
-
-        def grab(r: Request, logits: torch.Tensor) -> None:
-            if r is req:
-                captured.append(logits)
-            orig(r, logits)
-
-        self._append_token = grab  # type: ignore[method-assign]
-        try:
-            while not req.finished:
-                self.step()
-        finally:
-            self._append_token = orig  # type: ignore[method-assign]
-        return torch.log_softmax(captured[0], dim=-1).numpy()
+        req.keep_first_logits = True
+        while not req.finished:
+            self.step()
+        assert req.first_logits is not None
+        return torch.log_softmax(req.first_logits, dim=-1).numpy()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from sparsex.attention import attend
-from sparsex.models.base import ModelSpec, SeqSlice, StepContext
+from sparsex.models.base import ModelSpec, StepContext
 
 
 class KVCache:
@@ -28,8 +28,9 @@ class KVCache:
         self.block_size = block_size
         self.dtype = dtype
         shape = (num_blocks * block_size, spec.num_kv_heads, spec.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        # Uninitialised on purpose: a slot is always written before any read of it.
 
     @staticmethod
     def bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:

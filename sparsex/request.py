@@ -64,6 +64,8 @@ class Request:
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    keep_first_logits: bool = False
+    first_logits: Any = None
 
     @property
     def num_tokens(self) -> int:

@@ -7,8 +7,9 @@ parts. Each part is either plain (``str`` or ``list[int]``) or a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 SegmentSource = Literal["explicit", "chat", "auto", "pinned"]
 
@@ -25,8 +26,8 @@ class Segment:
     namespace: str = ""
 
 
-PromptPart = Union[str, list[int], Segment]
-Prompt = Union[str, list[int], list[PromptPart]]
+PromptPart = str | list[int] | Segment
+Prompt = str | list[int] | Sequence[PromptPart]
 
 
 @dataclass(frozen=True)

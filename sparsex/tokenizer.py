@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,31 +10,65 @@ from sparsex.segments import Prompt, Segment, SegmentSource, SegmentSpan
 
 
 class Tokenizer:
-    """Wraps the model folder's Hugging Face tokenizer.
+    """The model folder's ``tokenizer.json`` (via ``tokenizers``) and its chat template (via jinja2).
 
     Parts of a prompt are tokenized separately and concatenated, so a segment has the
     same token ids wherever it appears (a requirement for reusing its KV).
     """
 
     def __init__(self, folder: Path) -> None:
-        from transformers import AutoTokenizer
+        from tokenizers import Tokenizer as HFTokenizer
 
-        self.hf = AutoTokenizer.from_pretrained(str(folder))
-        self.bos_token_id: int | None = self.hf.bos_token_id
-        self.add_bos = bool(getattr(self.hf, "add_bos_token", False)) and self.bos_token_id is not None
-        self.has_chat_template = bool(getattr(self.hf, "chat_template", None))
+        path = folder / "tokenizer.json"
+        if not path.exists():
+            raise FileNotFoundError(f"no tokenizer.json in {folder}")
+        self.hf = HFTokenizer.from_file(str(path))
+        cfg_path = folder / "tokenizer_config.json"
+        cfg: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        self.special = {k: _token_str(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token")}
+        self.bos_token_id = self.token_id(self.special["bos_token"])
+        self.eos_token_id = self.token_id(self.special["eos_token"])
+        with_special = self.hf.encode("a", add_special_tokens=True).ids
+        self.add_bos = self.bos_token_id is not None and with_special[:1] == [self.bos_token_id]
+        template = cfg.get("chat_template")
+        if (folder / "chat_template.jinja").exists():
+            template = (folder / "chat_template.jinja").read_text()
+        self.chat_template: str | None = template if isinstance(template, str) else None
+        self.has_chat_template = self.chat_template is not None
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.hf.token_to_id(token)
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg: str) -> None:
+            raise ValueError(f"chat template error: {msg}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined)
+        env.globals["raise_exception"] = raise_exception
+        tmpl = env.from_string(self.chat_template or "")
+        return tmpl.render(
+            messages=messages, add_generation_prompt=True, bos_token=self.special["bos_token"] or "",
+            eos_token=self.special["eos_token"] or "",
+        )
 
     @property
     def eos_token_ids(self) -> set[int]:
-        ids = {self.hf.eos_token_id} if self.hf.eos_token_id is not None else set()
+        ids = {self.eos_token_id} if self.eos_token_id is not None else set()
         for tok in ("<|im_end|>", "<end_of_turn>", "<|endoftext|>", "<|eot_id|>"):
-            tid = self.hf.convert_tokens_to_ids(tok)
-            if isinstance(tid, int) and tid != self.hf.unk_token_id and tid >= 0:
+            tid = self.hf.token_to_id(tok)
+            if tid is not None:
                 ids.add(tid)
         return ids
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf.get_vocab_size())
+
     def encode(self, text: str) -> list[int]:
-        return list(self.hf.encode(text, add_special_tokens=False))
+        return list(self.hf.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: list[int]) -> str:
         return str(self.hf.decode(ids, skip_special_tokens=True))
@@ -47,7 +82,7 @@ class Tokenizer:
         if not isinstance(prompt, list):
             raise TypeError(f"a prompt is a str, a list of token ids or a list of parts, got {type(prompt)}")
         if all(isinstance(t, int) for t in prompt):
-            return list(prompt), []  # type: ignore[arg-type]
+            return [int(t) for t in prompt], []  # type: ignore[union-attr,arg-type,unused-ignore]
         ids: list[int] = self._with_bos([])
         spans: list[SegmentSpan] = []
         for part in prompt:
@@ -95,7 +130,7 @@ class Tokenizer:
                 raise ValueError("message content must be a string or a list of text parts")
             texts.extend(pieces)
             flat.append({"role": str(m["role"]), "content": "".join(pieces)})
-        rendered = str(self.hf.apply_chat_template(flat, tokenize=False, add_generation_prompt=True))
+        rendered = self.apply_chat_template(flat)
         parts: list[str | Segment] = []
         cursor = 0
         for t in texts:
@@ -109,3 +144,9 @@ class Tokenizer:
         if cursor < len(rendered):
             parts.append(rendered[cursor:])
         return parts
+
+
+def _token_str(tok: Any) -> str | None:
+    if isinstance(tok, dict):
+        return str(tok.get("content")) if tok.get("content") is not None else None
+    return tok if isinstance(tok, str) else None

@@ -40,6 +40,11 @@ def gemma3_spec(cfg: Any) -> ModelSpec:
 
 
 class Gemma3Layer(nn.Module):
+    input_layernorm: nn.Parameter
+    post_attention_layernorm: nn.Parameter
+    pre_feedforward_layernorm: nn.Parameter
+    post_feedforward_layernorm: nn.Parameter
+
     def __init__(self, cfg: Any, spec: ModelSpec) -> None:
         super().__init__()
         h, d = spec.hidden_size, spec.head_dim
@@ -73,7 +78,8 @@ class Gemma3Model(nn.Module):
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens.weight
-        return self.embed_tokens(token_ids) * self.embed_scale.to(w.dtype)  # [N, H]
+        x: torch.Tensor = self.embed_tokens(token_ids) * self.embed_scale.to(w.dtype)  # [N, H]
+        return x
 
     def layer_forward(self, i: int, x: torch.Tensor, step: StepContext) -> torch.Tensor:
         layer: Gemma3Layer = self.layers[i]  # type: ignore[assignment]

@@ -78,7 +78,8 @@ class LlamaModel(nn.Module):
         self.eps = cfg.rms_norm_eps
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(token_ids)  # [N, H]
+        x: torch.Tensor = self.embed_tokens(token_ids)  # [N, H]
+        return x
 
     def layer_forward(self, i: int, x: torch.Tensor, step: StepContext) -> torch.Tensor:
         layer: LlamaLayer = self.layers[i]  # type: ignore[assignment]
@@ -98,7 +99,8 @@ class LlamaModel(nn.Module):
         x = x + layer.o_proj(attn.reshape(n, -1))
         h = rms_norm(x, layer.post_attention_layernorm, layer.eps)
         gate, up = layer.gate_up_proj(h).chunk(2, dim=-1)  # [N, I] each
-        return x + layer.down_proj(F.silu(gate) * up)
+        out: torch.Tensor = x + layer.down_proj(F.silu(gate) * up)
+        return out
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         h = rms_norm(x, self.norm, self.eps)

@@ -21,6 +21,7 @@ from torch import nn
 
 from sparsex.models.gemma3 import FAMILY_TYPES as GEMMA3_TYPES
 from sparsex.models.gemma3 import Gemma3Model
+from sparsex.models.hf_config import read_config
 from sparsex.models.llama import FAMILY_TYPES as LLAMA_TYPES
 from sparsex.models.llama import LlamaModel
 
@@ -147,10 +148,7 @@ def model_class(model_type: str) -> type[nn.Module]:
 
 
 def load_config(folder: Path) -> Any:
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(str(folder))
-    return getattr(cfg, "text_config", None) if cfg.model_type == "gemma3" else cfg
+    return read_config(folder)
 
 
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:

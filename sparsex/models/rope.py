@@ -11,6 +11,7 @@ computes them), combined in float64: ``R(p') R(p)^T``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -84,9 +85,7 @@ def build_rope_table(hf_config: object, layer_type: str | None = None) -> RopeTa
         return _build_rope_table(hf_config, layer_type)
 
 
-def _build_rope_table(hf_config: object, layer_type: str | None) -> RopeTable:
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
+def _build_rope_table(hf_config: Any, layer_type: str | None) -> RopeTable:
     params = getattr(hf_config, "rope_parameters", None) or {}
     if layer_type is not None and layer_type in params:
         params = params[layer_type]
@@ -98,13 +97,16 @@ def _build_rope_table(hf_config: object, layer_type: str | None) -> RopeTable:
         )
     if rope_type == "default":
         theta = float(params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
-        head_dim = getattr(hf_config, "head_dim", None) or (
-            hf_config.hidden_size // hf_config.num_attention_heads  # type: ignore[attr-defined]
-        )
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         dim = int(head_dim * float(params.get("partial_rotary_factor", 1.0)))
-        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim))
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         return RopeTable(inv_freq=inv_freq.float(), attention_scaling=1.0)
-    fn = ROPE_INIT_FUNCTIONS[rope_type]
+    # Scaled variants: transformers' own formulas (imported only for these models).
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from sparsex.models.hf_config import transformers_config
+
+    full = transformers_config(hf_config) if hasattr(hf_config, "_folder") else hf_config
     kwargs = {"layer_type": layer_type} if layer_type is not None else {}
-    inv_freq, scaling = fn(hf_config, torch.device("cpu"), **kwargs)
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](full, torch.device("cpu"), **kwargs)
     return RopeTable(inv_freq=inv_freq.float(), attention_scaling=float(scaling))
