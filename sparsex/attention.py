@@ -32,14 +32,24 @@ def attend(
     Returns [N, Hq, D].
     """
     n, t = q.shape[0], k.shape[0]
-    gqa = q.shape[1] != k.shape[1]
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
     k = k.to(q.dtype)
     v = v.to(q.dtype)
-    mask: torch.Tensor | None = None
-    is_causal = False
     if dense_causal and (window is None or t <= window):
-        is_causal = True
-    elif n == 1 and int(q_pos[0]) == t - 1:
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),  # [1, Hq, N, D]
+            k.transpose(0, 1).unsqueeze(0),  # [1, Hkv, T, D]
+            v.transpose(0, 1).unsqueeze(0),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=hq != hkv,
+        )  # [1, Hq, N, D]
+        return out.squeeze(0).transpose(0, 1)
+    # Few queries: fold each KV head's query group into the query axis (one SDPA call with no
+    # KV repeat; measured ~10x faster than enable_gqa for a single decode query on CPU).
+    g = hq // hkv
+    mask: torch.Tensor | None = None
+    if n == 1 and int(q_pos[0]) == t - 1:
         if window is not None and t > window:  # decode on a sliding layer: keep the last `window` keys
             k, v = k[t - window :], v[t - window :]
     else:
@@ -47,16 +57,13 @@ def attend(
         mask = k_pos[None, :] <= q_pos[:, None]  # [N, T]
         if window is not None:
             mask &= k_pos[None, :] > (q_pos[:, None] - window)
+        mask = mask.repeat_interleave(g, dim=0)  # [N*G, T]: row n*G + j is query n, group member j
+    qg = q.view(n, hkv, g, d).transpose(0, 1).reshape(hkv, n * g, d)  # [Hkv, N*G, D]
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(0),  # [1, Hq, N, D]
-        k.transpose(0, 1).unsqueeze(0),  # [1, Hkv, T, D]
-        v.transpose(0, 1).unsqueeze(0),
-        attn_mask=mask,
-        is_causal=is_causal,
-        scale=scale,
-        enable_gqa=gqa,
-    )  # [1, Hq, N, D]
-    return out.squeeze(0).transpose(0, 1)
+        qg.unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+        attn_mask=mask, scale=scale,
+    )  # [1, Hkv, N*G, D]
+    return out.view(hkv, n, g, d).transpose(0, 1).reshape(n, hq, d)
 
 
 def attention_probs(

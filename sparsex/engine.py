@@ -23,6 +23,9 @@ from sparsex.model_runner import ModelRunner, SeqInput
 from sparsex.models.base import ModelSpec
 from sparsex.models.loader import load_model, resolve_model
 from sparsex.request import Request, RequestMetrics
+from sparsex.reuse.options import ReuseOptions, resolve_reuse
+from sparsex.reuse.prefill import pin_document, prefill_request
+from sparsex.reuse.store import SegmentStore
 from sparsex.sampler import make_generator, sample
 from sparsex.sampling_params import SamplingParams
 from sparsex.scheduler import Scheduler
@@ -57,8 +60,15 @@ class LLM:
     >>> llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0))[0].text
     """
 
-    def __init__(self, model: str | None = None, device: str = "cpu", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: str | None = None,
+        device: str = "cpu",
+        reuse: str | ReuseOptions | dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.config = EngineConfig(model=model, device=device, **kwargs)
+        self.reuse = resolve_reuse(ReuseOptions(), reuse)
         if self.config.kv_dtype not in DTYPES:
             raise ValueError(f"kv_dtype must be one of {sorted(DTYPES)}, got {self.config.kv_dtype!r}")
         self.device = torch.device(device)
@@ -79,6 +89,7 @@ class LLM:
         self.kv = KVCache(self.spec, num_blocks, bs, kv_dtype, self.device)
         self.runner = ModelRunner(self.model, self.kv, self.device)  # type: ignore[arg-type]
         self.scheduler = Scheduler(self.pool, bs, self.config.max_num_seqs)
+        self.store = SegmentStore(self.pool, self.kv, self.spec, f"{self.model_path.name}")
         self.eos_token_ids = self.tokenizer.eos_token_ids
         self._ids = itertools.count()
         self._generators: dict[str, torch.Generator | None] = {}
@@ -86,15 +97,25 @@ class LLM:
     # ----- request lifecycle -------------------------------------------------------------
 
     def add_request(
-        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        reuse: str | ReuseOptions | dict[str, Any] | None = None,
     ) -> Request:
         params = params or SamplingParams()
         ids, spans = self.tokenizer.encode_prompt(prompt)
-        return self.add_tokenized(ids, params, spans, request_id)
+        return self.add_tokenized(ids, params, spans, request_id, reuse)
 
     def add_tokenized(
-        self, ids: list[int], params: SamplingParams, spans: Sequence[Any] = (), request_id: str | None = None
+        self,
+        ids: list[int],
+        params: SamplingParams,
+        spans: Sequence[Any] = (),
+        request_id: str | None = None,
+        reuse: str | ReuseOptions | dict[str, Any] | None = None,
     ) -> Request:
+        opts = resolve_reuse(self.reuse, reuse)
         if not ids:
             raise ValueError("the prompt is empty")
         if any((not isinstance(t, int)) or t < 0 or t >= self.spec.vocab_size for t in ids):
@@ -105,7 +126,7 @@ class LLM:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
                 f"context of {self.spec.max_position} tokens"
             )
-        req = Request(request_id or f"req-{next(self._ids)}", ids, params, list(spans))
+        req = Request(request_id or f"req-{next(self._ids)}", ids, params, list(spans), reuse=opts)
         if req.blocks_needed(self.pool.block_size) > self.pool.num_blocks:
             raise PromptTooLongError(
                 f"prompt + max_tokens needs {total} tokens of KV but the pool holds "
@@ -159,13 +180,8 @@ class LLM:
             req.block_table.extend(self.pool.allocate(need))
 
     def _prefill(self, req: Request) -> torch.Tensor:
-        """Full prefill (method ``none``); the reuse methods replace this (sparsex.reuse)."""
-        n = len(req.prompt_token_ids)
-        self._ensure_blocks(req, n)
-        logits = self.runner.forward([SeqInput(req.prompt_token_ids, list(range(n)), req.block_table, n)])
-        req.num_computed_tokens = n
-        req.metrics.num_recomputed_tokens = n
-        return logits[0]
+        """Prefill with the request's reuse method (full prefill for ``none``)."""
+        return prefill_request(self, req)
 
     def _append_token(self, req: Request, logits: torch.Tensor) -> None:
         now = time.perf_counter()
@@ -218,11 +234,17 @@ class LLM:
     # ----- public API ------------------------------------------------------------------------
 
     def generate(
-        self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | None = None
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | None = None,
+        reuse: str | ReuseOptions | dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for one prompt or a list of prompts; outputs keep the input order."""
+        """Generate for one prompt or a list of prompts; outputs keep the input order.
+
+        ``reuse`` overrides the engine's reuse method/options for these requests.
+        """
         batch = [prompts] if self._is_single(prompts) else list(prompts)
-        reqs = [self.add_request(p, sampling_params) for p in batch]  # type: ignore[arg-type]
+        reqs = [self.add_request(p, sampling_params, reuse=reuse) for p in batch]  # type: ignore[arg-type]
         while not all(r.finished for r in reqs):
             self.step()
         return [self.output_of(r) for r in reqs]
@@ -234,11 +256,16 @@ class LLM:
         return isinstance(prompts, list) and bool(prompts) and all(isinstance(t, int) for t in prompts)
 
     def chat(
-        self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None
+        self,
+        messages: list[dict[str, Any]],
+        sampling_params: SamplingParams | None = None,
+        reuse: str | ReuseOptions | dict[str, Any] | None = None,
     ) -> RequestOutput:
         """One chat turn: the chat template renders ``messages``; every message is a segment."""
-        ids, spans = self.tokenizer.encode_prompt(self.tokenizer.chat_parts(messages), source="chat")
-        req = self.add_tokenized(ids, sampling_params or SamplingParams(), spans)
+        ns = resolve_reuse(self.reuse, reuse).namespace
+        parts = self.tokenizer.chat_parts(messages, namespace=ns)
+        ids, spans = self.tokenizer.encode_prompt(parts, source="chat")
+        req = self.add_tokenized(ids, sampling_params or SamplingParams(), spans, reuse=reuse)
         while not req.finished:
             self.step()
         return self.output_of(req)
@@ -256,11 +283,37 @@ class LLM:
         if len(req.text) > sent:
             yield req.text[sent:]
 
-    def next_token_logprobs(self, prompt: Prompt) -> np.ndarray:
+    def next_token_logprobs(
+        self, prompt: Prompt, reuse: str | ReuseOptions | dict[str, Any] | None = None
+    ) -> np.ndarray:
         """Log-probabilities over the vocabulary of the token after ``prompt`` (1-D float32)."""
-        req = self.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        req = self.add_request(prompt, params, reuse=reuse)
         req.keep_first_logits = True
         while not req.finished:
             self.step()
         assert req.first_logits is not None
         return torch.log_softmax(req.first_logits, dim=-1).numpy()
+
+    # ----- pinned segments ---------------------------------------------------------------------
+
+    def cache_segments(
+        self, docs: Sequence[str | list[int]], namespace: str = "", names: Sequence[str] | None = None
+    ) -> list[str]:
+        """Precompute and pin documents (a knowledge base); returns their segment ids.
+
+        Pinned segments survive LRU eviction until the pool passes its high-water mark.
+        """
+        return [pin_document(self, d, namespace, names[i] if names else None) for i, d in enumerate(docs)]
+
+    def uncache_segments(self, segment_ids: Sequence[str]) -> int:
+        """Unpin segments (their KV stays cached until evicted); returns how many were found."""
+        return sum(bool(self.store.segments.unpin(sid)) for sid in segment_ids)
+
+    def list_segments(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Pinned segments with their size and hit counts."""
+        return [
+            {"id": p.segment_id, "name": p.name, "namespace": p.namespace, "num_tokens": p.num_tokens,
+             "num_blocks": p.num_blocks, "num_hits": p.num_hits}
+            for p in self.store.segments.list_pinned(namespace)
+        ]

@@ -5,6 +5,7 @@ The hot path reads as: prepare inputs -> run layers -> logits of each sequence's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -75,3 +76,71 @@ class ModelRunner:
             return self.model.compute_logits(x).float()
         last = torch.tensor([s.end - 1 for s in step.seqs], device=self.device)
         return self.model.compute_logits(x[last]).float()  # [B, V]
+
+
+Selector = Callable[[StepContext, int], torch.Tensor]
+
+
+@dataclass
+class PlannedPrefill:
+    """A prefill whose later layers run only on a recompute set.
+
+    seq: all prompt tokens after the exact prefix (positions ``P..T-1``), with the block table.
+    dense_layers: layers [0, dense_layers) run for every position in ``seq``.
+    recompute: positions that run in the remaining layers (used when ``select`` is None), and
+        the probe set run at layer 0 when ``select`` is given with ``dense_layers == 0``.
+    select: called after ``select_layer`` with the step context (its captured q / pre-write K)
+        and returns the recompute set; must contain the last position.
+    select_layer: layer whose attention inputs feed ``select``.
+    """
+
+    seq: SeqInput
+    dense_layers: int
+    recompute: torch.Tensor
+    select: Selector | None = None
+    select_layer: int = 0
+
+
+def _planned_forward(runner: ModelRunner, plan: PlannedPrefill) -> tuple[torch.Tensor, torch.Tensor]:
+    model, kv, dev = runner.model, runner.kv, runner.device
+    s = plan.seq
+    start = s.positions[0]
+    tokens = torch.tensor(s.token_ids, dtype=torch.int64, device=dev)
+    read = kv.reader(s.block_table, s.ctx_len, dev)
+
+    def context(pos: torch.Tensor, capture: int | None) -> StepContext:
+        sl = SeqSlice(0, pos.numel(), pos, kv.slots(s.block_table, pos), read, s.ctx_len)
+        caps = frozenset() if capture is None else frozenset({capture})
+        return StepContext(seqs=[sl], positions=pos, kv=kv, capture_layers=caps)
+
+    num_layers = model.spec.num_layers
+    if plan.dense_layers > 0:
+        active = torch.arange(start, s.ctx_len, device=dev)
+        x = model.embed(tokens)
+        chosen = plan.recompute
+        for i in range(num_layers):
+            if i == plan.dense_layers:
+                x, active = x[chosen - start], chosen
+            cap = i if plan.select is not None and i == plan.select_layer else None
+            step = context(active, cap)
+            x = model.layer_forward(i, x, step)
+            if cap is not None and plan.select is not None:
+                chosen = plan.select(step, i).to(dev)
+        return model.compute_logits(x[-1:]).float()[0], active
+    chosen = plan.recompute
+    if plan.select is not None:  # probe: run the select layer for the initial set only
+        x = model.embed(tokens[chosen - start])
+        for i in range(plan.select_layer + 1):
+            step = context(chosen, i if i == plan.select_layer else None)
+            x = model.layer_forward(i, x, step)
+        chosen = plan.select(step, plan.select_layer).to(dev)
+    x = model.embed(tokens[chosen - start])
+    for i in range(num_layers):
+        x = model.layer_forward(i, x, context(chosen, None))
+    return model.compute_logits(x[-1:]).float()[0], chosen
+
+
+def run_planned(runner: ModelRunner, plan: PlannedPrefill) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a planned prefill; returns (logits [V] of the last position, recomputed positions)."""
+    with torch.inference_mode():
+        return _planned_forward(runner, plan)

@@ -28,7 +28,8 @@ class RequestMetrics:
     num_segment_hit_tokens: prompt tokens whose KV came from cached segments.
     num_recomputed_tokens: prompt tokens that ran through the sparse (post-boundary) layers.
     compute_fraction: fraction of a full prefill's per-layer token work actually done.
-    segment_sources: how many segment tokens came from each source (explicit, chat, auto, pinned).
+    segment_sources: how many segments the prompt has per source (explicit, chat, auto).
+    segment_hit_tokens_by_source: reused tokens per source of the segment that supplied them.
     reuse: the reuse method that served the request.
     """
 
@@ -41,6 +42,7 @@ class RequestMetrics:
     num_recomputed_tokens: int = 0
     compute_fraction: float = 1.0
     segment_sources: dict[str, int] = field(default_factory=dict)
+    segment_hit_tokens_by_source: dict[str, int] = field(default_factory=dict)
     reuse: str = "none"
 
 

@@ -78,12 +78,12 @@ class Tokenizer:
     ) -> tuple[list[int], list[SegmentSpan]]:
         """Token ids of a prompt plus the spans of its segments (tagged with ``source``)."""
         if isinstance(prompt, str):
-            return self._with_bos(self.encode(prompt)), []
+            return self.with_bos(self.encode(prompt)), []
         if not isinstance(prompt, list):
             raise TypeError(f"a prompt is a str, a list of token ids or a list of parts, got {type(prompt)}")
         if all(isinstance(t, int) for t in prompt):
             return [int(t) for t in prompt], []  # type: ignore[union-attr,arg-type,unused-ignore]
-        ids: list[int] = self._with_bos([])
+        ids: list[int] = self.with_bos([])
         spans: list[SegmentSpan] = []
         for part in prompt:
             if isinstance(part, Segment):
@@ -103,7 +103,7 @@ class Tokenizer:
             return list(content)
         raise TypeError("segment content must be a str or a list of token ids")
 
-    def _with_bos(self, ids: list[int]) -> list[int]:
+    def with_bos(self, ids: list[int]) -> list[int]:
         return [self.bos_token_id, *ids] if self.add_bos and self.bos_token_id is not None else ids
 
     def chat_parts(self, messages: list[dict[str, Any]], namespace: str = "") -> list[str | Segment]:

@@ -15,6 +15,7 @@ CHATML = (
 def build_tokenizer(folder: Path, vocab_size: int = 384) -> int:
     """Train a small BPE on CPython's bundled docs; returns the vocabulary size."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

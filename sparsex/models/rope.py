@@ -59,22 +59,37 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def align_rope(
-    k: torch.Tensor, from_pos: torch.Tensor, to_pos: torch.Tensor, table: RopeTable
-) -> torch.Tensor:
-    """Move keys rotated at ``from_pos`` to ``to_pos``.
+def delta_rotation(
+    from_pos: torch.Tensor, to_pos: torch.Tensor, table: RopeTable
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of the rotation ``R(to) R(from)^T`` per position: two [N, 1, D] float64 tensors.
 
-    k: [N, H, D] keys (any float dtype); from_pos, to_pos: [N] int64.
-    Returns [N, H, D] in k's dtype. Rotating by Δ then by -Δ is the identity.
+    Built from the forward pass's own fp32 tables, combined in float64, so an aligned key
+    equals the fresh key to float32 precision. Shared by every layer using ``table``.
     """
-    if k.numel() == 0 or torch.equal(from_pos, to_pos):
-        return k.clone()
     s = table.attention_scaling
     c0, s0 = (t.double() / s for t in table.cos_sin(from_pos))  # [N, D]
     c1, s1 = (t.double() / s for t in table.cos_sin(to_pos))
-    # R(p') R(p)^T for each 2-D pair: angle difference via product formulas.
-    cd = (c1 * c0 + s1 * s0)[:, None, :]  # [N, 1, D]
-    sd = (s1 * c0 - c1 * s0)[:, None, :]
+    return (c1 * c0 + s1 * s0)[:, None, :], (s1 * c0 - c1 * s0)[:, None, :]
+
+
+def rotate(k: torch.Tensor, cd: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
+    """Apply a delta rotation from :func:`delta_rotation` to keys k: [N, H, D] (computed in fp32+)."""
+    dt = torch.promote_types(k.dtype, torch.float32)
+    kf = k.to(dt)
+    return (kf * cd.to(dt) + rotate_half(kf) * sd.to(dt)).to(k.dtype)
+
+
+def align_rope(
+    k: torch.Tensor, from_pos: torch.Tensor, to_pos: torch.Tensor, table: RopeTable
+) -> torch.Tensor:
+    """Move keys rotated at ``from_pos`` to ``to_pos`` (k: [N, H, D]; positions: [N] int64).
+
+    Rotating by Δ then by -Δ is the identity (to float precision).
+    """
+    if k.numel() == 0 or torch.equal(from_pos, to_pos):
+        return k.clone()
+    cd, sd = delta_rotation(from_pos, to_pos, table)
     kd = k.double()
     return (kd * cd + rotate_half(kd) * sd).to(k.dtype)
 

@@ -1,0 +1,95 @@
+"""Reuse methods and their options (pure Python)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+METHODS = ("none", "prefix", "naive", "epic", "cacheblend", "sparsex", "blend")
+
+
+@dataclass(frozen=True)
+class ReuseOptions:
+    """How a request may reuse cached KV and which tokens it recomputes.
+
+    method: one of METHODS (see docs/REUSE.md):
+        none: full prefill. prefix: exact prefix cache only. naive: reuse every hit as is.
+        epic: recompute the first ``epic_tokens`` of each reused segment.
+        cacheblend: dense through ``check_layer``, then top tokens by K deviation.
+        sparsex: the paper's Sparse-Q selection at ``boundary`` (hybrid) or layer 0.
+        blend: our default, see docs/REUSE.md.
+    budget: fraction of reused tokens to recompute (the top-k size), in [0, 1].
+    boundary: ℓ* as a layer index (int) or a fraction of depth (float in [0, 1)); None = family default.
+    hybrid: sparsex only: layers 0..ℓ* dense (True) or select at layer 0 (False).
+    overflow_blocks: KV blocks added on each side of every non-reused run (sparsex, blend).
+    tail_tokens: tokens added from a reused segment the prompt ends in (sparsex, blend).
+    epic_tokens: epic: leading tokens recomputed per reused segment.
+    check_layer: cacheblend: layer at which K deviation is measured.
+    namespace: tenant / cache salt; entries never cross namespaces.
+    auto_segments: cut unannotated text into content-defined chunks that can be reused.
+    register: publish freshly computed segments and prefix blocks into the cache.
+    """
+
+    method: str = "blend"
+    budget: float = 0.15
+    boundary: int | float | None = None
+    hybrid: bool = True
+    overflow_blocks: int = 1
+    tail_tokens: int = 64
+    epic_tokens: int = 16
+    check_layer: int = 1
+    namespace: str = ""
+    auto_segments: bool = True
+    register: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown reuse method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not 0.0 <= self.budget <= 1.0:
+            raise ValueError(f"budget must be in [0, 1], got {self.budget}")
+        if isinstance(self.boundary, float) and not 0.0 <= self.boundary < 1.0:
+            raise ValueError(f"a fractional boundary must be in [0, 1), got {self.boundary}")
+        if isinstance(self.boundary, int) and not isinstance(self.boundary, bool) and self.boundary < 0:
+            raise ValueError(f"boundary layer must be >= 0, got {self.boundary}")
+        for name in ("overflow_blocks", "tail_tokens", "epic_tokens", "check_layer"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+
+    def with_updates(self, **kw: Any) -> ReuseOptions:
+        """A copy with the given fields changed (None values are ignored)."""
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+    @property
+    def reuses_segments(self) -> bool:
+        return self.method not in ("none", "prefix")
+
+    @property
+    def uses_prefix(self) -> bool:
+        return self.method != "none"
+
+
+# ℓ* as a fraction of depth per family, chosen from the measurements in docs/REUSE.md.
+DEFAULT_BOUNDARY = {"llama": 0.17, "gemma3": 0.17}
+
+
+def boundary_layer(opts: ReuseOptions, num_layers: int, family: str) -> int:
+    """ℓ* as a layer index for a model with ``num_layers`` layers."""
+    b = opts.boundary if opts.boundary is not None else DEFAULT_BOUNDARY.get(family, 0.17)
+    layer = int(round(b * num_layers)) if isinstance(b, float) else int(b)
+    return max(0, min(layer, num_layers - 1))
+
+
+def resolve_reuse(base: ReuseOptions, reuse: str | ReuseOptions | dict[str, Any] | None) -> ReuseOptions:
+    """Per-request reuse options: a method name, a full ReuseOptions, or a dict of overrides."""
+    if reuse is None:
+        return base
+    if isinstance(reuse, ReuseOptions):
+        return reuse
+    if isinstance(reuse, str):
+        return base.with_updates(method=reuse)
+    if isinstance(reuse, dict):
+        unknown = set(reuse) - set(ReuseOptions.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown reuse option(s): {', '.join(sorted(unknown))}")
+        return base.with_updates(**reuse)
+    raise TypeError(f"reuse must be a method name, ReuseOptions or dict, got {type(reuse).__name__}")

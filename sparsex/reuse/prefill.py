@@ -1,0 +1,81 @@
+"""A request's prefill with reuse: look up, load and align, plan, run, publish."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import torch
+
+from sparsex.model_runner import SeqInput, run_planned
+from sparsex.request import Request
+from sparsex.reuse.options import ReuseOptions
+from sparsex.reuse.planner import ReuseSituation, compute_fraction, plan_prefill
+from sparsex.reuse.store import auto_spans
+from sparsex.segments import SegmentSpan
+
+if TYPE_CHECKING:
+    from sparsex.engine import LLM
+
+
+def prefill_request(llm: LLM, req: Request) -> torch.Tensor:
+    """Run ``req``'s prompt with its reuse method; returns the last position's logits [V]."""
+    opts: ReuseOptions = req.reuse
+    ids, n = req.prompt_token_ids, len(req.prompt_token_ids)
+    spans = list(req.spans)
+    if opts.auto_segments:
+        spans += auto_spans(n, ids, spans, opts.namespace)
+    store = llm.store
+    lookup = store.lookup(ids, spans, opts.namespace, prefix=opts.uses_prefix, segments=opts.reuses_segments)
+    req.block_table = list(lookup.prefix_blocks)  # released with the request, even on failure
+    try:
+        llm._ensure_blocks(req, n)
+    except Exception:
+        store.release(lookup)
+        raise
+    start = lookup.prefix_len
+    runs = [(h.span.start, h.span.start + h.num_tokens) for h in lookup.hits]
+    hit_sources: Counter[str] = Counter()
+    for h in lookup.hits:
+        hit_sources[h.span.source] += h.num_tokens
+    reused = torch.zeros(n, dtype=torch.bool)
+    reused[store.load(lookup, req.block_table)] = True
+    seq = SeqInput(ids[start:], list(range(start, n)), req.block_table, n)
+    plan = plan_prefill(opts, llm.spec, llm.kv, ReuseSituation(seq, start, reused, runs))
+    logits, recomputed = run_planned(llm.runner, plan)
+    req.num_computed_tokens = n
+
+    m = req.metrics
+    m.reuse = opts.method
+    m.num_prefix_hit_tokens = start
+    m.num_segment_hit_tokens = int(reused.sum())
+    m.num_recomputed_tokens = int(recomputed.numel())
+    m.compute_fraction = compute_fraction(plan, llm.spec.num_layers, n, int(recomputed.numel()))
+    m.segment_sources = dict(Counter(str(s.source) for s in spans))
+    m.segment_hit_tokens_by_source = dict(hit_sources)
+
+    if opts.register:
+        first_reused = min((a for a, _ in runs), default=n)
+        fresh = [s for s in spans if not bool(reused[s.start : s.end].any())]
+        store.publish(ids, req.block_table, opts.namespace, first_reused, fresh)
+    return logits
+
+
+def pin_document(llm: LLM, doc: str | list[int], namespace: str, name: str | None) -> str:
+    """Compute ``doc`` alone (after BOS where the model uses one) and pin it as a segment."""
+    toks = llm.tokenizer.encode(doc) if isinstance(doc, str) else [int(t) for t in doc]
+    if not toks:
+        raise ValueError("cannot pin an empty document")
+    ids = llm.tokenizer.with_bos(toks)
+    if len(ids) > llm.spec.max_position:
+        raise ValueError(f"document of {len(ids)} tokens exceeds the context of {llm.spec.max_position}")
+    blocks = llm.pool.allocate(-(-len(ids) // llm.pool.block_size))
+    try:
+        llm.runner.forward([SeqInput(ids, list(range(len(ids))), blocks, len(ids))])
+        span = SegmentSpan(len(ids) - len(toks), len(ids), "pinned", namespace)
+        sids = llm.store.publish(ids, blocks, namespace, len(ids), [span], pinned=True, name=name)
+    finally:
+        llm.pool.release(blocks)
+    if not sids:
+        raise RuntimeError("the KV pool is full; could not pin the document")
+    return sids[0]

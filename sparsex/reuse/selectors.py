@@ -1,0 +1,100 @@
+"""Which reused tokens to recompute: pure functions over small tensors.
+
+Positions are absolute token positions in the prompt (int64 tensors). ``reused`` is a
+bool mask over positions ``[0, T)``; non-reused positions (``I_nr``) are always recomputed.
+Every function here is testable on hand-made 8x4 tensors; none touches a model or a cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def top_k_reused(scores: torch.Tensor, reused: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the ``k`` highest ``scores`` among reused positions, ascending.
+
+    scores: [T] float; reused: [T] bool. Ties break toward the earlier position.
+    """
+    cand = torch.nonzero(reused).flatten()
+    k = max(0, min(k, cand.numel()))
+    if k == 0:
+        return cand[:0]
+    s = scores[cand].float()
+    # stable ordering: highest score first, then lowest position
+    order = torch.argsort(-s, stable=True)[:k]
+    return torch.sort(cand[order]).values
+
+
+def sparse_q_scores(probs: torch.Tensor, query_pos: torch.Tensor, length: int) -> torch.Tensor:
+    """SparseX importance: attention of the non-reused queries, summed over queries and heads.
+
+    probs: [H, N, T'] softmax weights of N queries over keys at positions 0..T'-1 (T' <= length).
+    Returns s: [length] with s_j = sum_h sum_i probs[h, i, j].
+    """
+    del query_pos  # probs already holds only the non-reused queries' rows
+    s = torch.zeros(length, dtype=torch.float32, device=probs.device)
+    s[: probs.shape[-1]] = probs.float().sum(dim=(0, 1))
+    return s
+
+
+def kv_deviation_scores(fresh: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+    """CacheBlend importance: per-token L2 distance between fresh and cached K (or V).
+
+    fresh, cached: [T, H, D]. Returns [T].
+    """
+    return (fresh.float() - cached.float()).pow(2).sum(dim=(1, 2)).sqrt()
+
+
+def runs(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """Maximal runs ``[start, end)`` of True in a 1-D bool mask."""
+    m = mask.to(torch.int8)
+    edges = torch.diff(torch.cat([m.new_zeros(1), m, m.new_zeros(1)]))
+    starts = torch.nonzero(edges == 1).flatten().tolist()
+    ends = torch.nonzero(edges == -1).flatten().tolist()
+    return list(zip(starts, ends, strict=True))
+
+
+def overflow_positions(reused: torch.Tensor, width: int, start: int = 0) -> torch.Tensor:
+    """Reused positions within ``width`` tokens on each side of every non-reused run.
+
+    Only positions >= ``start`` count (the exact prefix before it is never recomputed).
+    """
+    t = reused.numel()
+    out = torch.zeros(t, dtype=torch.bool, device=reused.device)
+    if width <= 0:
+        return torch.nonzero(out).flatten()
+    nr = ~reused
+    nr[:start] = False
+    for a, b in runs(nr):
+        out[max(start, a - width) : a] = True
+        out[b : min(t, b + width)] = True
+    return torch.nonzero(out & reused).flatten()
+
+
+def tail_positions(reused: torch.Tensor, segment_runs: list[tuple[int, int]], tokens: int) -> torch.Tensor:
+    """If the prompt ends inside a reused segment, that segment's last ``tokens`` positions.
+
+    "Ends inside" means every position after the segment's last reused token up to the end of
+    the prompt is at most one token (the always-computed last position).
+    """
+    t = reused.numel()
+    for a, b in segment_runs:
+        if b >= t - 1 and b > a:
+            lo = max(a, b - tokens)
+            return torch.arange(lo, b, device=reused.device)
+    return torch.zeros(0, dtype=torch.int64, device=reused.device)
+
+
+def epic_positions(segment_runs: list[tuple[int, int]], tokens: int) -> torch.Tensor:
+    """EPIC / LegoLink: the first ``tokens`` positions of every reused segment."""
+    pos = [torch.arange(a, min(b, a + tokens)) for a, b in segment_runs]
+    return torch.cat(pos) if pos else torch.zeros(0, dtype=torch.int64)
+
+
+def union(*parts: torch.Tensor) -> torch.Tensor:
+    """Sorted unique union of position tensors."""
+    non_empty = [p.flatten().to(torch.int64) for p in parts if p.numel()]
+    if not non_empty:
+        return torch.zeros(0, dtype=torch.int64)
+    out: torch.Tensor = torch.unique(torch.cat(non_empty))
+    return out

@@ -1,0 +1,165 @@
+"""Engine-side segment cache: finds reusable KV for a request, moves it in, publishes fresh KV.
+
+    request tokens   [ prefix hit | new | segment A (hit) | new | segment B (hit) | question ]
+    KV source        [ shared     | run | copied+aligned   | run | copied+aligned   | run      ]
+
+Prefix blocks are shared read-only (exact). Segment KV is copied into the request's own
+blocks and its keys rotated to the new positions. Only KV computed fresh is published.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from sparsex.cache import BlockPool, NoFreeBlocksError, PrefixCache, SegmentIndex, chunk_tokens
+from sparsex.kv_cache import KVCache
+from sparsex.models.base import ModelSpec
+from sparsex.models.rope import delta_rotation, rotate
+from sparsex.segments import SegmentSpan
+
+
+@dataclass
+class SegmentReuse:
+    """One segment's cached KV found for a request: tokens ``[start, start + num_tokens)``."""
+
+    span: SegmentSpan
+    num_tokens: int
+    src_blocks: list[int]
+    src_positions: list[int]
+
+
+@dataclass
+class Lookup:
+    """What a request can reuse: an exact prefix and segment hits after it."""
+
+    prefix_len: int = 0
+    prefix_blocks: list[int] = field(default_factory=list)
+    hits: list[SegmentReuse] = field(default_factory=list)
+
+    @property
+    def num_segment_tokens(self) -> int:
+        return sum(h.num_tokens for h in self.hits)
+
+
+def auto_spans(n: int, ids: list[int], spans: list[SegmentSpan], namespace: str) -> list[SegmentSpan]:
+    """Content-defined chunks of the text no explicit segment covers (boundaries from the tokens)."""
+    covered = sorted((s.start, s.end) for s in spans)
+    out: list[SegmentSpan] = []
+    cursor = 0
+    for a, b in [*covered, (n, n)]:
+        if a - cursor >= 64:
+            for c0, c1 in chunk_tokens(ids[cursor:a]):
+                if c1 - c0 >= 16:
+                    out.append(SegmentSpan(cursor + c0, cursor + c1, "auto", namespace))
+        cursor = max(cursor, b)
+    return out
+
+
+class SegmentStore:
+    """Prefix cache + segment index over the engine's block pool and KV tensors."""
+
+    def __init__(self, pool: BlockPool, kv: KVCache, spec: ModelSpec, model_id: str) -> None:
+        self.pool = pool
+        self.kv = kv
+        self.spec = spec
+        self.prefix = PrefixCache(pool, model_id)
+        self.segments = SegmentIndex(pool, model_id)
+
+    def lookup(
+        self, ids: list[int], spans: list[SegmentSpan], namespace: str, *, prefix: bool, segments: bool
+    ) -> Lookup:
+        """Find reusable KV; takes references on every returned block (released by the caller)."""
+        n, bs = len(ids), self.pool.block_size
+        out = Lookup()
+        if prefix:
+            blocks = self.prefix.match(ids, namespace)
+            keep = min(len(blocks), (n - 1) // bs)  # the last token is always computed
+            self.pool.release(blocks[keep:])
+            out.prefix_blocks, out.prefix_len = blocks[:keep], keep * bs
+        if not segments:
+            return out
+        for span in sorted(spans, key=lambda s: s.start):
+            if span.start < out.prefix_len:
+                continue
+            hit = self.segments.match(ids[span.start : span.end], span.namespace or namespace)
+            usable = min(hit.num_tokens, n - 1 - span.start)  # never reuse the last token
+            keep_blocks = -(-usable // bs) if usable > 0 else 0
+            self.pool.release(hit.block_ids[keep_blocks:])
+            if usable > 0:
+                out.hits.append(
+                    SegmentReuse(span, usable, hit.block_ids[:keep_blocks], hit.positions[:keep_blocks])
+                )
+        return out
+
+    def release(self, lookup: Lookup) -> None:
+        for h in lookup.hits:
+            self.pool.release(h.src_blocks)
+        lookup.hits = []
+
+    def load(self, lookup: Lookup, block_table: list[int]) -> torch.Tensor:
+        """Copy every hit's KV into the request's blocks, keys rotated to the new positions.
+
+        Releases the source blocks. Returns the [k] positions that were loaded.
+        """
+        if not lookup.hits:
+            return torch.zeros(0, dtype=torch.int64)
+        bs = self.pool.block_size
+        src, frm, to = [], [], []
+        for h in lookup.hits:
+            j = torch.arange(h.num_tokens)
+            blocks = torch.tensor(h.src_blocks)[j // bs]
+            src.append(blocks * bs + j % bs)
+            frm.append(torch.tensor(h.src_positions)[j // bs] + j % bs)
+            to.append(h.span.start + j)
+        src_slots, from_pos, to_pos = torch.cat(src), torch.cat(frm), torch.cat(to)
+        dev = self.kv.k[0].device
+        dst_slots = self.kv.slots(block_table, to_pos.to(dev))
+        src_slots = src_slots.to(dev)
+        rotations: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer in range(self.spec.num_layers):
+            table = self.spec.rope[layer]
+            if id(table) not in rotations:
+                rotations[id(table)] = tuple(  # type: ignore[assignment]
+                    t.to(dev) for t in delta_rotation(from_pos, to_pos, table)
+                )
+            cd, sd = rotations[id(table)]
+            k = rotate(self.kv.k[layer][src_slots], cd, sd)
+            self.kv.k[layer].index_copy_(0, dst_slots, k)
+            self.kv.v[layer].index_copy_(0, dst_slots, self.kv.v[layer][src_slots])
+        self.release(lookup)
+        return to_pos
+
+    def publish(
+        self, ids: list[int], block_table: list[int], namespace: str, num_exact: int,
+        fresh: list[SegmentSpan], pinned: bool = False, name: str | None = None,
+    ) -> list[str]:
+        """Publish exact prefix blocks and copy freshly computed segments into segment blocks.
+
+        Returns the ids of segments pinned (when ``pinned``). A full pool skips publishing.
+        """
+        self.prefix.register(ids, block_table, namespace, num_exact)
+        bs = self.pool.block_size
+        pinned_ids: list[str] = []
+        for span in fresh:
+            toks = ids[span.start : span.end]
+            ns = span.namespace or namespace
+            missing = self.segments.missing_blocks(toks, ns)
+            try:
+                new = self.pool.allocate(len(missing)) if missing else []
+            except NoFreeBlocksError:
+                continue
+            if missing:
+                j = torch.cat([torch.arange(i * bs, min((i + 1) * bs, len(toks))) for i in missing])
+                block_of = dict(zip(missing, new, strict=True))
+                dst_blocks = torch.tensor([block_of[i] for i in (j // bs).tolist()])
+                dst = dst_blocks * bs + j % bs
+                src = self.kv.slots(block_table, span.start + j)
+                self.kv.copy_slots(src.to(self.kv.k[0].device), dst.to(self.kv.k[0].device))
+            sid = self.segments.register(
+                toks, ns, span.start, dict(zip(missing, new, strict=True)), pinned=pinned, name=name
+            )
+            if sid is not None:
+                pinned_ids.append(sid)
+        return pinned_ids

@@ -1,0 +1,67 @@
+"""The entry point: ``make_workload(kind, n, seed)``."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from sparsex.workloads.agents import build_agents
+from sparsex.workloads.chat import build_chat
+from sparsex.workloads.common import STYLES, Markup, Params, item_rng
+from sparsex.workloads.item import Part, WorkItem
+from sparsex.workloads.rag import build_rag
+from sparsex.workloads.ruler import build_needle, build_vartrack
+from sparsex.workloads.words import build_cwe, build_fwe
+
+WORKLOADS = ("rag", "chat", "agents", "needle", "vartrack", "cwe", "fwe")
+"""Every scenario :func:`make_workload` knows."""
+
+Builder = Callable[[random.Random, Params, int, int], tuple[list[list[Part]], list[Part], str | None]]
+
+_BUILDERS: dict[str, Builder] = {
+    "rag": lambda rng, p, seed, i: build_rag(rng, p, seed),
+    "chat": build_chat,
+    "agents": lambda rng, p, seed, i: build_agents(rng, p, seed),
+    "needle": lambda rng, p, seed, i: build_needle(rng, p, seed),
+    "vartrack": lambda rng, p, seed, i: build_vartrack(rng, p, seed),
+    "cwe": lambda rng, p, seed, i: build_cwe(rng, p, seed),
+    "fwe": lambda rng, p, seed, i: build_fwe(rng, p, seed),
+}
+
+
+def make_workload(
+    kind: str,
+    n: int,
+    seed: int,
+    *,
+    doc_tokens: int = 300,
+    num_docs: int = 6,
+    style: str = "plain",
+    answerable: bool = True,
+) -> list[WorkItem]:
+    """``n`` deterministic items of scenario ``kind`` (one of :data:`WORKLOADS`).
+
+    doc_tokens: approximate tokens (~4 characters each) of one reusable part: a document,
+        an assistant turn, a shared message, a haystack chunk or word-list chunk.
+    num_docs: reusable parts per item: documents (rag), earlier exchanges (chat), haystack
+        or word-list segments (needle, vartrack, cwe, fwe); agents always share 3 messages.
+        A test prompt is then roughly ``num_docs * doc_tokens`` tokens.
+    style: ``"plain"`` role labels / ``Answer:`` cue, or ``"chatml"`` markers as plain text.
+    answerable: for rag, chat and agents, plant a fact and ask for it (``answer`` set);
+        when False those items ask an open question and ``answer`` is None. The RULER kinds
+        always have an answer.
+
+    Item ``i`` depends only on ``(kind, seed, i)`` and the sizes, not on ``n``.
+    """
+    if kind not in _BUILDERS:
+        raise ValueError(f"unknown workload {kind!r}; choose from {', '.join(WORKLOADS)}")
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; choose from {', '.join(STYLES)}")
+    if n < 0 or doc_tokens < 1 or num_docs < 1:
+        raise ValueError("need n >= 0, doc_tokens >= 1 and num_docs >= 1")
+    params = Params(doc_tokens=doc_tokens, num_docs=num_docs, markup=Markup(style), answerable=answerable)
+    items: list[WorkItem] = []
+    for index in range(n):
+        warmup, prompt, answer = _BUILDERS[kind](item_rng(kind, seed, index), params, seed, index)
+        items.append(WorkItem(f"{kind}-{index}", warmup, prompt, answer, kind))
+    return items
