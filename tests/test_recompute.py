@@ -1,0 +1,77 @@
+"""Planned sparse prefill: with R = every token, or ℓ* = last layer, every method equals `none`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sparsex import LLM, Segment
+
+DOCS = [
+    "Alpha beta gamma delta. " * 8,
+    "The interpreter reads a line, evaluates it and prints the result. " * 4,
+    "Numbers follow: " + " ".join(str(i) for i in range(40)),
+]
+
+
+def reordered_prompt() -> list:
+    return ["Intro.", Segment(DOCS[2]), Segment(DOCS[0]), "between", Segment(DOCS[1]), "Question: what?"]
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def warm_llm(request: pytest.FixtureRequest, tiny_model_dir) -> LLM:
+    llm = LLM(model=str(tiny_model_dir(request.param)), kv_cache_memory=32 << 20)
+    for d in DOCS:  # cache every document in another context and position
+        llm.next_token_logprobs(["A different lead-in text", Segment(d), "end"], reuse="none")
+    return llm
+
+
+def logprobs(llm: LLM, method: str, **opts: object) -> tuple[np.ndarray, dict]:
+    reuse = {"method": method, "register": False, **opts}
+    req = llm.add_request(reordered_prompt(), reuse=reuse)
+    req.params.max_tokens, req.params.temperature, req.params.ignore_eos = 1, 0.0, True
+    req.keep_first_logits = True
+    while not req.finished:
+        llm.step()
+    lp = req.first_logits.log_softmax(-1).numpy()
+    return lp, {"hits": req.metrics.num_segment_hit_tokens, "recomputed": req.metrics.num_recomputed_tokens,
+                "n": req.metrics.num_prompt_tokens}
+
+
+@pytest.mark.parametrize(
+    "method,opts",
+    [
+        ("sparsex", {"budget": 1.0}),
+        ("sparsex", {"budget": 1.0, "hybrid": False}),
+        ("cacheblend", {"budget": 1.0}),
+        ("blend", {"budget": 1.0}),
+        ("epic", {"epic_tokens": 10_000}),
+    ],
+)
+def test_recompute_everything_reproduces_none(warm_llm: LLM, method: str, opts: dict) -> None:
+    ref, _ = logprobs(warm_llm, "none")
+    got, m = logprobs(warm_llm, method, **opts)
+    assert m["hits"] > 0, "the documents must have been reused"
+    assert m["recomputed"] == m["n"]
+    assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_boundary_at_last_layer_equals_none(warm_llm: LLM) -> None:
+    ref, _ = logprobs(warm_llm, "none")
+    last = warm_llm.spec.num_layers - 1
+    got, m = logprobs(warm_llm, "sparsex", boundary=last, budget=0.0)
+    assert m["hits"] > 0
+    assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_naive_is_an_approximation_and_recomputes_only_new_tokens(warm_llm: LLM) -> None:
+    ref, _ = logprobs(warm_llm, "none")
+    got, m = logprobs(warm_llm, "naive")
+    kl = float(np.sum(np.exp(ref) * (ref - got)))
+    assert kl > 1e-7
+    assert m["recomputed"] == m["n"] - m["hits"]
+
+
+def test_budget_controls_the_recompute_set(warm_llm: LLM) -> None:
+    sizes = [logprobs(warm_llm, "cacheblend", budget=b)[1]["recomputed"] for b in (0.0, 0.25, 0.5)]
+    assert sizes[0] < sizes[1] < sizes[2]
