@@ -115,7 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_eval)
 
-    args = parser.parse_args(argv)
+    raw = sys.argv[1:] if argv is None else argv
+    if raw[:1] == ["eval"] or (raw[:1] == ["bench"] and len(raw) > 1 and not raw[1].startswith("-")):
+        # sub-tools own their flags: pass everything after the tool name through untouched
+        args = parser.parse_args(raw[: 1 if raw[0] == "eval" else 2])
+        args.rest = raw[1 if raw[0] == "eval" else 2 :]
+    else:
+        args = parser.parse_args(raw)
     try:
         rc = args.func(args)
     except KeyboardInterrupt:

@@ -27,9 +27,10 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.dtype = dtype
-        shape = (num_blocks * block_size, spec.num_kv_heads, spec.head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        shape = (spec.num_layers, num_blocks * block_size, spec.num_kv_heads, spec.head_dim)
+        # One tensor per K and V so that moving a segment touches every layer in one op.
+        self.k = torch.empty(shape, dtype=dtype, device=device)  # [L, S, Hkv, D]
+        self.v = torch.empty(shape, dtype=dtype, device=device)
         # Uninitialised on purpose: a slot is always written before any read of it.
 
     @staticmethod
@@ -60,9 +61,8 @@ class KVCache:
 
     def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy K/V of every layer from slots ``src`` to slots ``dst``."""
-        for layer in range(len(self.k)):
-            self.k[layer].index_copy_(0, dst, self.k[layer][src])
-            self.v[layer].index_copy_(0, dst, self.v[layer][src])
+        self.k.index_copy_(1, dst, self.k[:, src])
+        self.v.index_copy_(1, dst, self.v[:, src])
 
 
 def paged_attention(

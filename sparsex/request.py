@@ -30,6 +30,7 @@ class RequestMetrics:
     compute_fraction: fraction of a full prefill's per-layer token work actually done.
     segment_sources: how many segments the prompt has per source (explicit, chat, auto).
     segment_hit_tokens_by_source: reused tokens per source of the segment that supplied them.
+    reuse_overhead_s: seconds spent finding cached KV and loading/aligning it into the request.
     reuse: the reuse method that served the request.
     """
 
@@ -43,6 +44,7 @@ class RequestMetrics:
     compute_fraction: float = 1.0
     segment_sources: dict[str, int] = field(default_factory=dict)
     segment_hit_tokens_by_source: dict[str, int] = field(default_factory=dict)
+    reuse_overhead_s: float = 0.0
     reuse: str = "none"
 
 

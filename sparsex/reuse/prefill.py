@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
 import torch
 
+from sparsex.cache import NoFreeBlocksError
 from sparsex.model_runner import SeqInput, run_planned
 from sparsex.request import Request
 from sparsex.reuse.options import ReuseOptions
 from sparsex.reuse.planner import ReuseSituation, compute_fraction, plan_prefill
-from sparsex.reuse.store import auto_spans
+from sparsex.reuse.store import Lookup, auto_spans
 from sparsex.segments import SegmentSpan
 
 if TYPE_CHECKING:
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
 
 def prefill_request(llm: LLM, req: Request) -> torch.Tensor:
     """Run ``req``'s prompt with its reuse method; returns the last position's logits [V]."""
+    t0 = time.perf_counter()
     opts: ReuseOptions = req.reuse
     ids, n = req.prompt_token_ids, len(req.prompt_token_ids)
     spans = list(req.spans)
@@ -29,7 +32,7 @@ def prefill_request(llm: LLM, req: Request) -> torch.Tensor:
     lookup = store.lookup(ids, spans, opts.namespace, prefix=opts.uses_prefix, segments=opts.reuses_segments)
     req.block_table = list(lookup.prefix_blocks)  # released with the request, even on failure
     try:
-        llm._ensure_blocks(req, n)
+        _allocate_blocks(llm, req, lookup, n)
     except Exception:
         store.release(lookup)
         raise
@@ -40,6 +43,7 @@ def prefill_request(llm: LLM, req: Request) -> torch.Tensor:
         hit_sources[h.span.source] += h.num_tokens
     reused = torch.zeros(n, dtype=torch.bool)
     reused[store.load(lookup, req.block_table)] = True
+    req.metrics.reuse_overhead_s = time.perf_counter() - t0
     seq = SeqInput(ids[start:], list(range(start, n)), req.block_table, n)
     plan = plan_prefill(opts, llm.spec, llm.kv, ReuseSituation(seq, start, reused, runs))
     logits, recomputed = run_planned(llm.runner, plan)
@@ -59,6 +63,23 @@ def prefill_request(llm: LLM, req: Request) -> torch.Tensor:
         fresh = [s for s in spans if not bool(reused[s.start : s.end].any())]
         store.publish(ids, req.block_table, opts.namespace, first_reused, fresh)
     return logits
+
+
+def _allocate_blocks(llm: LLM, req: Request, lookup: Lookup, n: int) -> None:
+    """Give ``req`` blocks for its ``n`` prompt tokens.
+
+    The scheduler admitted the request against the pool's free blocks, but segment hits on cached
+    free blocks took references and left the free list. If the pool comes up short, hand hits
+    back (last first) until the allocation fits: the request then recomputes those segments.
+    """
+    while True:
+        try:
+            llm._ensure_blocks(req, n)
+            return
+        except NoFreeBlocksError:
+            if not lookup.hits:
+                raise
+            llm.pool.release(lookup.hits.pop().src_blocks)
 
 
 def pin_document(llm: LLM, doc: str | list[int], namespace: str, name: str | None) -> str:

@@ -114,20 +114,21 @@ class SegmentStore:
             frm.append(torch.tensor(h.src_positions)[j // bs] + j % bs)
             to.append(h.span.start + j)
         src_slots, from_pos, to_pos = torch.cat(src), torch.cat(frm), torch.cat(to)
-        dev = self.kv.k[0].device
+        dev = self.kv.k.device
         dst_slots = self.kv.slots(block_table, to_pos.to(dev))
         src_slots = src_slots.to(dev)
-        rotations: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for layer in range(self.spec.num_layers):
-            table = self.spec.rope[layer]
-            if id(table) not in rotations:
-                rotations[id(table)] = tuple(  # type: ignore[assignment]
-                    t.to(dev) for t in delta_rotation(from_pos, to_pos, table)
-                )
-            cd, sd = rotations[id(table)]
-            k = rotate(self.kv.k[layer][src_slots], cd, sd)
-            self.kv.k[layer].index_copy_(0, dst_slots, k)
-            self.kv.v[layer].index_copy_(0, dst_slots, self.kv.v[layer][src_slots])
+        # Layers sharing a RoPE table rotate together (Gemma 3 has two tables, Llama one).
+        groups: dict[int, list[int]] = {}
+        for layer, table in enumerate(self.spec.rope):
+            groups.setdefault(id(table), []).append(layer)
+        for layers in groups.values():
+            cd, sd = (t.to(dev) for t in delta_rotation(from_pos, to_pos, self.spec.rope[layers[0]]))
+            if len(layers) == self.spec.num_layers:
+                self.kv.k[:, dst_slots] = rotate(self.kv.k[:, src_slots], cd, sd)  # [L, N, Hkv, D]
+            else:
+                idx = torch.tensor(layers, device=dev)[:, None]
+                self.kv.k[idx, dst_slots[None, :]] = rotate(self.kv.k[idx, src_slots[None, :]], cd, sd)
+        self.kv.v[:, dst_slots] = self.kv.v[:, src_slots]
         self.release(lookup)
         return to_pos
 
@@ -156,7 +157,7 @@ class SegmentStore:
                 dst_blocks = torch.tensor([block_of[i] for i in (j // bs).tolist()])
                 dst = dst_blocks * bs + j % bs
                 src = self.kv.slots(block_table, span.start + j)
-                self.kv.copy_slots(src.to(self.kv.k[0].device), dst.to(self.kv.k[0].device))
+                self.kv.copy_slots(src.to(self.kv.k.device), dst.to(self.kv.k.device))
             sid = self.segments.register(
                 toks, ns, span.start, dict(zip(missing, new, strict=True)), pinned=pinned, name=name
             )
