@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     llm = LLM(model=args.model)
     budgets = [float(b) for b in args.budgets.split(",")]
-    methods = []
+    methods: list[Any] = []
     for b in budgets:
         for text in args.methods.split(","):
             spec = parse_method(text.replace("+", ","), budget=b)

@@ -13,7 +13,7 @@ from typing import Any
 
 from sparsex.bench.common import machine, print_table, write_json
 
-METHODS = [
+METHODS: list[tuple[str, dict[str, Any]]] = [
     ("none", {"method": "none"}),
     ("prefix", {"method": "prefix"}),
     ("naive", {"method": "naive"}),

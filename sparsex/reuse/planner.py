@@ -72,16 +72,30 @@ def plan_prefill(
     def k_after(step: StepContext, layer: int) -> torch.Tensor:
         return kv.read(layer, step.seqs[0].read)[0]  # [T, Hkv, D]
 
-    if method in ("cacheblend", "blend"):
+    if method == "cacheblend":
         check = min(opts.check_layer, layers - 1)
 
         def select_dev(step: StepContext, layer: int) -> torch.Tensor:
             _, k_before = step.captured[layer][0]
             scores = kv_deviation_scores(k_after(step, layer), k_before)
-            chosen = top_k_reused(scores, sit.reused, k)
-            return union(i_nr, chosen, extras) if method == "blend" else union(i_nr, chosen)
+            return union(i_nr, top_k_reused(scores, sit.reused, k))
 
         return PlannedPrefill(read, check + 1, i_nr, select_dev, check)
+
+    if method == "blend":
+        # Overflow and tail first, inside the budget; the rest by K deviation at the check layer.
+        check = min(opts.check_layer, layers - 1)
+        extras_in = extras[: max(0, k)] if extras.numel() > k else extras
+        remaining = sit.reused.clone()
+        remaining[extras_in] = False
+
+        def select_blend(step: StepContext, layer: int) -> torch.Tensor:
+            _, k_before = step.captured[layer][0]
+            scores = kv_deviation_scores(k_after(step, layer), k_before)
+            chosen = top_k_reused(scores, remaining, k - extras_in.numel())
+            return union(i_nr, extras_in, chosen)
+
+        return PlannedPrefill(read, check + 1, i_nr, select_blend, check)
 
     # sparsex: Sparse-Q scores at ℓ* (hybrid) or at layer 0 from the non-reused queries alone.
     lstar = boundary_layer(opts, layers, spec.family) if opts.hybrid else 0

@@ -1,0 +1,259 @@
+"""OpenAI response bodies and SSE chunks, built from the per-choice state of engine events.
+
+Streaming holds back the last ``len(longest stop) - 1`` characters (a stop string may still be
+completing there) and a trailing U+FFFD (a UTF-8 character split across tokens), so text already
+sent never has to be taken back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sparsex.server.protocol import APIError
+
+if TYPE_CHECKING:
+    from sparsex.request import RequestMetrics
+    from sparsex.server.engine_loop import TokenEvent
+
+
+@dataclass
+class ChoiceState:
+    """Everything received so far for one choice (one engine request).
+
+    new_*: what the latest event added (what a stream chunk reports).
+    """
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    token_texts: list[str] = field(default_factory=list)
+    new_logprobs: list[float] = field(default_factory=list)
+    new_token_texts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    metrics: RequestMetrics | None = None
+
+    def update(self, ev: TokenEvent) -> None:
+        self.text = ev.text
+        self.token_ids.extend(ev.new_token_ids)
+        self.logprobs.extend(ev.new_logprobs)
+        self.token_texts.extend(ev.new_token_texts)
+        self.new_logprobs = ev.new_logprobs
+        self.new_token_texts = ev.new_token_texts
+        self.finish_reason = ev.finish_reason
+        self.metrics = ev.metrics
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class Head:
+    """The fields every response / chunk of one HTTP request shares; ``n`` choices per prompt."""
+
+    id: str
+    created: int
+    model: str
+    n: int
+
+
+class TextCursor:
+    """How much of a choice's text was streamed; returns only text that can no longer change."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.sent = 0
+
+    def advance(self, text: str, finished: bool) -> str:
+        end = len(text) if finished else len(text) - self.hold
+        while not finished and end > self.sent and text[end - 1] == "\ufffd":
+            end -= 1
+        if end <= self.sent:
+            return ""
+        delta, self.sent = text[self.sent : end], end
+        return delta
+
+
+def raise_for_failed(states: list[ChoiceState]) -> None:
+    if any(s.finish_reason == "error" for s in states):
+        raise APIError(500, "the engine failed while serving this request", type="server_error",
+                       code="engine_error")
+    if any(s.finish_reason == "abort" for s in states):
+        raise APIError(503, "the request was aborted (client gone or server shutting down)",
+                       type="server_error", code="aborted")
+
+
+def usage(states: list[ChoiceState], n: int) -> dict[str, Any]:
+    """Token counts; a prompt's counts come once, from its first choice (the others share it)."""
+    prompt = [s.metrics for s in states[::n] if s.metrics is not None]
+    num_prompt = sum(m.num_prompt_tokens for m in prompt)
+    num_completion = sum(len(s.token_ids) for s in states)
+    prefix = sum(m.num_prefix_hit_tokens for m in prompt)
+    segment = sum(m.num_segment_hit_tokens for m in prompt)
+    return {
+        "prompt_tokens": num_prompt,
+        "completion_tokens": num_completion,
+        "total_tokens": num_prompt + num_completion,
+        "prompt_tokens_details": {"cached_tokens": prefix + segment},
+        "prefix_hit_tokens": prefix,
+        "segment_hit_tokens": segment,
+        "recomputed_tokens": sum(m.num_recomputed_tokens for m in prompt),
+    }
+
+
+def sparsex_info(states: list[ChoiceState]) -> dict[str, Any]:
+    """Extension: how the prompts were served (reuse method, work done, TTFT)."""
+    ms = [s.metrics for s in states if s.metrics is not None]
+    if not ms:
+        return {}
+    return {
+        "reuse": ms[0].reuse,
+        "compute_fraction": min(m.compute_fraction for m in ms),
+        "ttft_s": min(m.ttft_s for m in ms),
+    }
+
+
+# ----- chat --------------------------------------------------------------------------------------
+
+
+def _chat_logprobs(texts: list[str], logprobs: list[float], top: int) -> dict[str, Any]:
+    entries = []
+    for t, lp in zip(texts, logprobs, strict=True):
+        entry = {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+        # The engine reports only the sampled token's logprob; it is the one "top" entry we know.
+        entries.append({**entry, "top_logprobs": [entry] if top > 0 else []})
+    return {"content": entries}
+
+
+def chat_response(states: list[ChoiceState], head: Head, logprobs: bool, top: int) -> dict[str, Any]:
+    choices = [
+        {
+            "index": s.index,
+            "message": {"role": "assistant", "content": s.text},
+            "logprobs": _chat_logprobs(s.token_texts, s.logprobs, top) if logprobs else None,
+            "finish_reason": s.finish_reason,
+        }
+        for s in states
+    ]
+    return {
+        "id": head.id,
+        "object": "chat.completion",
+        "created": head.created,
+        "model": head.model,
+        "choices": choices,
+        "usage": usage(states, head.n),
+        "sparsex": sparsex_info(states),
+    }
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def _sse_error(status: int, message: str, code: str) -> str:
+    return sse(APIError(status, message, type="server_error", code=code).body())
+
+
+async def chat_stream(
+    events: AsyncIterator[ChoiceState], head: Head, stops: list[str], top: int, include_usage: bool
+) -> AsyncIterator[str]:
+    base = {"id": head.id, "object": "chat.completion.chunk", "created": head.created, "model": head.model}
+    extra = {"usage": None} if include_usage else {}
+    cursors: dict[int, TextCursor] = {}
+    done: list[ChoiceState] = []
+    async for s in events:
+        if s.index not in cursors:
+            cursors[s.index] = TextCursor(stops)
+            role = {"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None}
+            yield sse({**base, "choices": [role], **extra})
+        if s.finish_reason in ("error", "abort"):
+            yield _sse_error(500 if s.finish_reason == "error" else 503, f"request {s.finish_reason}ed",
+                             f"engine_{s.finish_reason}")
+            yield SSE_DONE
+            return
+        delta = cursors[s.index].advance(s.text, s.finished)
+        lp = _chat_logprobs(s.new_token_texts, s.new_logprobs, top) if s.new_token_texts else None
+        if delta or lp or s.finished:
+            choice = {"index": s.index, "delta": {"content": delta} if delta else {}, "logprobs": lp,
+                      "finish_reason": s.finish_reason}
+            yield sse({**base, "choices": [choice], **extra})
+        if s.finished:
+            done.append(s)
+    if include_usage:
+        yield sse({**base, "choices": [], "usage": usage(sorted(done, key=lambda s: s.index), head.n)})
+    yield SSE_DONE
+
+
+# ----- text completions --------------------------------------------------------------------------
+
+
+def _completion_logprobs(texts: list[str], logprobs: list[float], top: int, offset: int) -> dict[str, Any]:
+    offsets = []
+    for t in texts:
+        offsets.append(offset)
+        offset += len(t)
+    return {
+        "tokens": texts,
+        "token_logprobs": logprobs,
+        "top_logprobs": [{t: lp} for t, lp in zip(texts, logprobs, strict=True)] if top > 0 else None,
+        "text_offset": offsets,
+    }
+
+
+def completion_response(states: list[ChoiceState], head: Head, logprobs: int | None) -> dict[str, Any]:
+    choices = [
+        {
+            "index": s.index,
+            "text": s.text,
+            "logprobs": None if logprobs is None else _completion_logprobs(s.token_texts, s.logprobs, logprobs, 0),
+            "finish_reason": s.finish_reason,
+        }
+        for s in states
+    ]
+    return {
+        "id": head.id,
+        "object": "text_completion",
+        "created": head.created,
+        "model": head.model,
+        "choices": choices,
+        "usage": usage(states, head.n),
+        "sparsex": sparsex_info(states),
+    }
+
+
+async def completion_stream(
+    events: AsyncIterator[ChoiceState], head: Head, stops: list[str], logprobs: int | None, include_usage: bool
+) -> AsyncIterator[str]:
+    base = {"id": head.id, "object": "text_completion", "created": head.created, "model": head.model}
+    extra = {"usage": None} if include_usage else {}
+    cursors: dict[int, TextCursor] = {}
+    offsets: dict[int, int] = {}
+    done: list[ChoiceState] = []
+    async for s in events:
+        if s.finish_reason in ("error", "abort"):
+            yield _sse_error(500 if s.finish_reason == "error" else 503, f"request {s.finish_reason}ed",
+                             f"engine_{s.finish_reason}")
+            yield SSE_DONE
+            return
+        cursor = cursors.setdefault(s.index, TextCursor(stops))
+        delta = cursor.advance(s.text, s.finished)
+        lp = None
+        if logprobs is not None and s.new_token_texts:
+            lp = _completion_logprobs(s.new_token_texts, s.new_logprobs, logprobs, offsets.get(s.index, 0))
+            offsets[s.index] = offsets.get(s.index, 0) + sum(len(t) for t in s.new_token_texts)
+        if delta or lp or s.finished:
+            choice = {"index": s.index, "text": delta, "logprobs": lp, "finish_reason": s.finish_reason}
+            yield sse({**base, "choices": [choice], **extra})
+        if s.finished:
+            done.append(s)
+    if include_usage:
+        yield sse({**base, "choices": [], "usage": usage(sorted(done, key=lambda s: s.index), head.n)})
+    yield SSE_DONE

@@ -1,0 +1,52 @@
+"""``sparsex serve`` arguments and entry point (uvicorn.run replaced, so nothing listens)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sparsex.server import cli
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.add_serve_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_defaults() -> None:
+    args = parse()
+    assert (args.host, args.port, args.max_queue, args.reuse, args.device) == ("127.0.0.1", 8000, 256, None, "cpu")
+    assert args.model is None and args.kv_cache_memory is None
+
+
+def test_memory_sizes() -> None:
+    assert cli.parse_memory("0.2") == 0.2
+    assert cli.parse_memory("512M") == 512 << 20
+    assert cli.parse_memory("2GiB") == 2 << 30
+    assert cli.parse_memory("1048576") == 1 << 20
+    for bad in ("lots", "1.5", "-3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cli.parse_memory(bad)
+
+
+def test_reuse_choices() -> None:
+    assert parse("--reuse", "sparsex").reuse == "sparsex"
+    with pytest.raises(SystemExit):
+        parse("--reuse", "magic")
+
+
+def test_serve_main_builds_the_app(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    cli.serve_main(parse("--model", str(model_dir), "--port", "9123", "--kv-cache-memory", "32M",
+                         "--max-queue", "7", "--reuse", "prefix"))
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 9123
+    app = seen["app"]
+    assert app.state.engine.max_queue == 7
+    assert app.state.llm.pool.num_blocks * app.state.llm.pool.block_size > 0

@@ -1,0 +1,72 @@
+"""The engine loop on its own: submit, abort, queue limit, failures, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from sparsex import SamplingParams
+from sparsex.server.engine_loop import EngineLoop, EngineStoppedError, QueueFullError
+from tests.server.helpers import make_llm
+
+
+def long_request(llm: object) -> list[object]:
+    params = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
+    return [llm.add_request("Go on and on.", params)]  # type: ignore[attr-defined]
+
+
+def test_submit_stream_and_shutdown(model_dir: Path) -> None:
+    llm = make_llm(model_dir)
+    free = llm.pool.num_free_blocks
+    engine = EngineLoop(llm, max_queue=4)
+
+    async def scenario() -> str | None:
+        sub = await engine.submit(long_request, 1)
+        first = await sub.events.get()
+        assert first.new_token_ids and first.finish_reason is None
+        await asyncio.to_thread(engine.stop)
+        last = first
+        while last.finish_reason is None:
+            last = await asyncio.wait_for(sub.events.get(), 10)
+        with pytest.raises(EngineStoppedError):
+            await engine.submit(long_request, 1)
+        return last.finish_reason
+
+    assert asyncio.run(scenario()) == "abort"
+    assert not engine.is_alive
+    assert llm.pool.num_free_blocks == free
+    assert engine.num_inflight == 0 and engine.num_aborted == 1
+
+
+def test_abort_and_failures_release_slots(model_dir: Path) -> None:
+    llm = make_llm(model_dir)
+    free = llm.pool.num_free_blocks
+    engine = EngineLoop(llm, max_queue=2)
+
+    def bad(_: object) -> list[object]:
+        raise ValueError("bad prompt")
+
+    async def scenario() -> None:
+        with pytest.raises(QueueFullError):
+            await engine.submit(long_request, 3)
+        with pytest.raises(ValueError, match="bad prompt"):
+            await engine.submit(bad, 1)
+        assert engine.num_inflight == 0
+        sub = await engine.submit(long_request, 1)
+        await sub.events.get()
+        engine.abort(sub)
+        ev = await asyncio.wait_for(sub.events.get(), 10)
+        while ev.finish_reason is None:
+            ev = await asyncio.wait_for(sub.events.get(), 10)
+        assert ev.finish_reason == "abort" and ev.metrics is not None
+        assert await engine.call(lambda llm: llm.pool.num_free_blocks) == free
+        with pytest.raises(KeyError):
+            await engine.call(lambda llm: {}["missing"])  # errors reach the caller, the loop lives on
+        assert engine.num_inflight == 0 and engine.is_alive
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.stop()

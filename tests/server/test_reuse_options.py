@@ -1,0 +1,68 @@
+"""The ``sparsex`` extension object and ``cache_salt`` reach the engine as per-request reuse options."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from sparsex import LLM
+from sparsex.server.app import create_app
+from sparsex.server.background import BackgroundServer
+from sparsex.server.serving import takes_reuse
+from tests.server.helpers import make_llm
+
+
+class RecordingLLM:
+    """A real engine whose ``add_tokenized`` records the spans and reuse options it was given."""
+
+    def __init__(self, llm: LLM) -> None:
+        self._llm = llm
+        self.calls: list[dict[str, Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._llm, name)
+
+    def add_tokenized(self, ids: list[int], params: Any, spans: Any = (), request_id: str | None = None,
+                      reuse: Any = None) -> Any:
+        self.calls.append({"spans": list(spans), "reuse": reuse, "params": params})
+        kwargs = {"reuse": reuse} if reuse is not None and takes_reuse(self._llm) else {}
+        return self._llm.add_tokenized(ids, params, spans, request_id, **kwargs)
+
+
+@pytest.fixture
+def recorded(model_dir: Path) -> Iterator[tuple[RecordingLLM, openai.OpenAI]]:
+    llm = RecordingLLM(make_llm(model_dir))
+    with BackgroundServer(create_app(llm)) as srv:  # type: ignore[arg-type]
+        client = openai.OpenAI(base_url=srv.base_url, api_key="none", max_retries=0, timeout=60)
+        yield llm, client
+        client.close()
+
+
+def test_options_are_forwarded(recorded: tuple[RecordingLLM, openai.OpenAI]) -> None:
+    llm, client = recorded
+    model = llm.model_name
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there."}]
+
+    client.chat.completions.create(model=model, messages=messages, max_tokens=2,  # type: ignore[arg-type]
+                                   extra_body={"sparsex": {"reuse": "prefix", "namespace": "t1", "budget": 0.2}})
+    call = llm.calls[-1]
+    assert call["reuse"] == {"method": "prefix", "budget": 0.2, "namespace": "t1"}
+    assert call["spans"] and all(s.namespace == "t1" and s.source == "chat" for s in call["spans"])
+
+    client.chat.completions.create(model=model, messages=messages, max_tokens=2,  # type: ignore[arg-type]
+                                   extra_body={"cache_salt": "tenant-b"})
+    assert llm.calls[-1]["reuse"] == {"namespace": "tenant-b"}
+    assert all(s.namespace == "tenant-b" for s in llm.calls[-1]["spans"])
+
+    client.completions.create(model=model, prompt="plain", max_tokens=2)
+    assert llm.calls[-1]["reuse"] is None  # nothing asked: the engine's default
+
+
+def test_n_choices_get_distinct_seeds(recorded: tuple[RecordingLLM, openai.OpenAI]) -> None:
+    llm, client = recorded
+    client.completions.create(model=llm.model_name, prompt="seeded", max_tokens=2, n=3, seed=41)
+    assert [c["params"].seed for c in llm.calls[-3:]] == [41, 42, 43]
