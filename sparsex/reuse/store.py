@@ -57,6 +57,15 @@ def auto_spans(n: int, ids: list[int], spans: list[SegmentSpan], namespace: str)
     return out
 
 
+def own_namespace_len(n: int, spans: list[SegmentSpan], namespace: str) -> int:
+    """Tokens before the first segment salted with a namespace other than the request's.
+
+    The prefix cache is salted with the request's namespace only, so it must never cover another
+    namespace's segment text: that would let a tenant hit entries holding another tenant's text.
+    """
+    return min((s.start for s in spans if (s.namespace or namespace) != namespace), default=n)
+
+
 class SegmentStore:
     """Prefix cache + segment index over the engine's block pool and KV tensors."""
 
@@ -75,7 +84,8 @@ class SegmentStore:
         out = Lookup()
         if prefix:
             blocks = self.prefix.match(ids, namespace)
-            keep = min(len(blocks), (n - 1) // bs)  # the last token is always computed
+            # The last token is always computed; other namespaces' segments are never covered.
+            keep = min(len(blocks), (n - 1) // bs, own_namespace_len(n, spans, namespace) // bs)
             self.pool.release(blocks[keep:])
             out.prefix_blocks, out.prefix_len = blocks[:keep], keep * bs
         if not segments:
@@ -138,8 +148,11 @@ class SegmentStore:
     ) -> list[str]:
         """Publish exact prefix blocks and copy freshly computed segments into segment blocks.
 
-        Returns the ids of segments pinned (when ``pinned``). A full pool skips publishing.
+        Prefix blocks stop at ``num_exact`` and at the first fresh segment of another namespace
+        (a reused one already starts at or after ``num_exact``). Returns the ids of segments pinned
+        (when ``pinned``). A full pool skips publishing.
         """
+        num_exact = min(num_exact, own_namespace_len(len(ids), fresh, namespace))
         self.prefix.register(ids, block_table, namespace, num_exact)
         bs = self.pool.block_size
         pinned_ids: list[str] = []
