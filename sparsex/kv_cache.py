@@ -82,11 +82,12 @@ def paged_attention(
     kv: KVCache = step.kv  # type: ignore[assignment]
     capture = layer in step.capture_layers
     outs: list[torch.Tensor] = []
-    caps: list[tuple[torch.Tensor, torch.Tensor]] = []
+    caps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for s in step.seqs:
         qs, ks, vs = q[s.start : s.end], k[s.start : s.end], v[s.start : s.end]
         if capture:
-            caps.append((qs, kv.read(layer, s.read)[0].clone()))
+            k_old, v_old = kv.read(layer, s.read)
+            caps.append((qs, k_old.clone(), v_old.clone()))
         kv.write(layer, s.slots, ks, vs)
         if s.dense:  # fresh prefill: attend over the projections themselves, no read-back
             outs.append(attend(qs, ks, vs, s.positions, scale=scale, window=window, dense_causal=True))

@@ -78,7 +78,28 @@ class ModelRunner:
         return self.model.compute_logits(x[last]).float()  # [B, V]
 
 
-Selector = Callable[[StepContext, int], torch.Tensor]
+@dataclass
+class SelectionInputs:
+    """The selection layer's attention inputs over the whole sequence (positions 0..T-1).
+
+    layer: the layer index.
+    positions: [N] positions whose queries are in ``q`` (the tokens active at that layer).
+    q: [N, Hq, D] their rotated queries.
+    k_cached, v_cached: [T, Hkv, D] the request's KV before this layer's fresh values were written
+        (aligned cached KV at reused positions).
+    k_fresh, v_fresh: [T, Hkv, D] the same with fresh values at the active positions.
+    """
+
+    layer: int
+    positions: torch.Tensor
+    q: torch.Tensor
+    k_cached: torch.Tensor
+    v_cached: torch.Tensor
+    k_fresh: torch.Tensor
+    v_fresh: torch.Tensor
+
+
+Selector = Callable[[SelectionInputs], torch.Tensor]
 
 
 @dataclass
@@ -86,12 +107,14 @@ class PlannedPrefill:
     """A prefill whose later layers run only on a recompute set.
 
     seq: all prompt tokens after the exact prefix (positions ``P..T-1``), with the block table.
-    dense_layers: layers [0, dense_layers) run for every position in ``seq``.
+    dense_layers: layers [0, dense_layers) run for every position in ``seq`` (their fresh KV is written).
     recompute: positions that run in the remaining layers (used when ``select`` is None), and
-        the probe set run at layer 0 when ``select`` is given with ``dense_layers == 0``.
-    select: called after ``select_layer`` with the step context (its captured q / pre-write K)
-        and returns the recompute set; must contain the last position.
-    select_layer: layer whose attention inputs feed ``select``.
+        the probe set run up to ``select_layer`` when ``select`` is given with ``dense_layers == 0``.
+    select: returns the recompute set from the selection layer's inputs; must contain the last position.
+    select_layer: the layer whose attention inputs feed ``select``.
+    probe: True: only project Q/K/V at ``select_layer`` (== dense_layers) for every token, writing
+        nothing, then run that layer sparsely; False: ``select_layer`` runs (densely or for the
+        probe set) and its fresh KV is written before selecting.
     """
 
     seq: SeqInput
@@ -99,6 +122,7 @@ class PlannedPrefill:
     recompute: torch.Tensor
     select: Selector | None = None
     select_layer: int = 0
+    probe: bool = False
 
 
 def _planned_forward(runner: ModelRunner, plan: PlannedPrefill) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,27 +137,42 @@ def _planned_forward(runner: ModelRunner, plan: PlannedPrefill) -> tuple[torch.T
         caps = frozenset() if capture is None else frozenset({capture})
         return StepContext(seqs=[sl], positions=pos, kv=kv, capture_layers=caps)
 
+    def probe(i: int, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        assert plan.select is not None
+        q, k, v = model.qkv(i, x, context(pos, None))
+        kc, vc = (t.clone() for t in kv.read(i, read))
+        kf, vf = kc.clone(), vc.clone()
+        kf[pos], vf[pos] = k.to(kf.dtype), v.to(vf.dtype)
+        return plan.select(SelectionInputs(i, pos, q, kc, vc, kf, vf)).to(dev)
+
+    def captured(i: int, step: StepContext) -> torch.Tensor:
+        assert plan.select is not None
+        q, kc, vc = step.captured[i][0]
+        kf, vf = kv.read(i, read)
+        return plan.select(SelectionInputs(i, step.positions, q, kc, vc, kf, vf)).to(dev)
+
     num_layers = model.spec.num_layers
-    if plan.dense_layers > 0:
+    chosen = plan.recompute
+    if plan.dense_layers > 0 or plan.probe:
         active = torch.arange(start, s.ctx_len, device=dev)
         x = model.embed(tokens)
-        chosen = plan.recompute
         for i in range(num_layers):
+            if plan.probe and i == plan.select_layer:
+                chosen = probe(i, x, active)
             if i == plan.dense_layers:
                 x, active = x[chosen - start], chosen
-            cap = i if plan.select is not None and i == plan.select_layer else None
+            cap = i if plan.select is not None and not plan.probe and i == plan.select_layer else None
             step = context(active, cap)
             x = model.layer_forward(i, x, step)
-            if cap is not None and plan.select is not None:
-                chosen = plan.select(step, i).to(dev)
+            if cap is not None:
+                chosen = captured(i, step)
         return model.compute_logits(x[-1:]).float()[0], active
-    chosen = plan.recompute
-    if plan.select is not None:  # probe: run the select layer for the initial set only
+    if plan.select is not None:  # run the select layer for the initial set only, then choose
         x = model.embed(tokens[chosen - start])
         for i in range(plan.select_layer + 1):
             step = context(chosen, i if i == plan.select_layer else None)
             x = model.layer_forward(i, x, step)
-        chosen = plan.select(step, plan.select_layer).to(dev)
+        chosen = captured(plan.select_layer, step)
     x = model.embed(tokens[chosen - start])
     for i in range(num_layers):
         x = model.layer_forward(i, x, context(chosen, None))

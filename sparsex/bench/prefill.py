@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from sparsex.bench.common import machine, median_time, print_table, write_json
+from sparsex.bench.common import interleaved_medians, machine, print_table, write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             with torch.inference_mode():
                 ref(ids[None], logits_to_keep=1)
 
-        t_ours = median_time(ours, args.repeats)
-        t_ref = median_time(theirs, args.repeats)
+        t_ours, t_ref = interleaved_medians(ours, theirs, args.repeats)
         rows.append([n, t_ours, t_ref, t_ours / t_ref, n / t_ours, n / t_ref])
         results.append({"tokens": n, "sparsex_s": t_ours, "transformers_s": t_ref, "ratio": t_ours / t_ref})
         print(f"  {n} tokens: sparsex {t_ours:.3f}s, transformers {t_ref:.3f}s", flush=True)

@@ -45,6 +45,8 @@ class CausalLM(Protocol):
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor: ...
 
+    def qkv(self, i: int, x: torch.Tensor, step: StepContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
     def layer_forward(self, i: int, x: torch.Tensor, step: StepContext) -> torch.Tensor: ...
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor: ...
@@ -82,15 +84,15 @@ class StepContext:
     seqs: the sequences in the step, in flat order.
     positions: [N] positions of all active tokens (concatenated seqs).
     kv: the paged KV storage (sparsex.kv_cache.KVCache).
-    capture_layers: layers whose queries and pre-write keys are recorded in ``captured``.
-    captured: layer -> list per seq of (q [n, Hq, D], k_before [ctx, Hkv, D]) for token selection.
+    capture_layers: layers whose queries and pre-write K/V are recorded in ``captured``.
+    captured: layer -> list per seq of (q [n, Hq, D], k_before, v_before [ctx, Hkv, D]), for selection.
     """
 
     seqs: list[SeqSlice]
     positions: torch.Tensor
     kv: object
     capture_layers: frozenset[int] = frozenset()
-    captured: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    captured: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     _cos_sin: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def cos_sin(self, table: RopeTable) -> tuple[torch.Tensor, torch.Tensor]:

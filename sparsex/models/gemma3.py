@@ -81,7 +81,8 @@ class Gemma3Model(nn.Module):
         x: torch.Tensor = self.embed_tokens(token_ids) * self.embed_scale.to(w.dtype)  # [N, H]
         return x
 
-    def layer_forward(self, i: int, x: torch.Tensor, step: StepContext) -> torch.Tensor:
+    def qkv(self, i: int, x: torch.Tensor, step: StepContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s attention inputs for hidden states x: [N, H] -> q [N, Hq, D], k, v [N, Hkv, D]."""
         layer: Gemma3Layer = self.layers[i]  # type: ignore[assignment]
         spec, eps = self.spec, layer.eps
         n, d = x.shape[0], spec.head_dim
@@ -93,7 +94,12 @@ class Gemma3Model(nn.Module):
         q = rms_norm(q, layer.q_norm, eps, offset=1.0)
         k = rms_norm(k, layer.k_norm, eps, offset=1.0)
         cos, sin = step.cos_sin(spec.rope[i])
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def layer_forward(self, i: int, x: torch.Tensor, step: StepContext) -> torch.Tensor:
+        layer: Gemma3Layer = self.layers[i]  # type: ignore[assignment]
+        spec, eps, n = self.spec, layer.eps, x.shape[0]
+        q, k, v = self.qkv(i, x, step)
         attn = paged_attention(i, q, k, v, step, scale=spec.attn_scale, window=spec.windows[i])
         x = x + rms_norm(layer.o_proj(attn.reshape(n, -1)), layer.post_attention_layernorm, eps, offset=1.0)
         h = rms_norm(x, layer.pre_feedforward_layernorm, eps, offset=1.0)

@@ -81,7 +81,8 @@ class LlamaModel(nn.Module):
         x: torch.Tensor = self.embed_tokens(token_ids)  # [N, H]
         return x
 
-    def layer_forward(self, i: int, x: torch.Tensor, step: StepContext) -> torch.Tensor:
+    def qkv(self, i: int, x: torch.Tensor, step: StepContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s attention inputs for hidden states x: [N, H] -> q [N, Hq, D], k, v [N, Hkv, D]."""
         layer: LlamaLayer = self.layers[i]  # type: ignore[assignment]
         spec = self.spec
         n, d = x.shape[0], spec.head_dim
@@ -94,7 +95,12 @@ class LlamaModel(nn.Module):
             q = rms_norm(q, layer.q_norm, layer.eps)
             k = rms_norm(k, layer.k_norm, layer.eps)
         cos, sin = step.cos_sin(spec.rope[i])
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def layer_forward(self, i: int, x: torch.Tensor, step: StepContext) -> torch.Tensor:
+        layer: LlamaLayer = self.layers[i]  # type: ignore[assignment]
+        spec, n = self.spec, x.shape[0]
+        q, k, v = self.qkv(i, x, step)
         attn = paged_attention(i, q, k, v, step, scale=spec.attn_scale, window=spec.windows[i])
         x = x + layer.o_proj(attn.reshape(n, -1))
         h = rms_norm(x, layer.post_attention_layernorm, layer.eps)

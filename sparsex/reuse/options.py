@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+BLEND_SCORES = ("k", "kv", "q", "kq", "kvq", "impact")
 METHODS = ("none", "prefix", "naive", "epic", "cacheblend", "sparsex", "blend")
 
 
@@ -24,7 +25,12 @@ class ReuseOptions:
     overflow_blocks: KV blocks added on each side of every non-reused run (sparsex, blend).
     tail_tokens: tokens added from a reused segment the prompt ends in (sparsex, blend).
     epic_tokens: epic: leading tokens recomputed per reused segment.
-    check_layer: cacheblend: layer at which K deviation is measured.
+    check_layer: cacheblend: layer at which K deviation is measured (dense through it); blend: the
+        probed layer (dense before it).
+    blend_score: blend: which signals rank reused tokens at the probed layer: "k"/"v" deviation between
+        fresh and cached K/V, "q" attention mass of the non-reused queries (Sparse-Q); letters add
+        the signals, each over its mean; "impact" = q-mass x V deviation.
+    blend_overflow: blend: add the overflow blocks and tail fallback to the selection.
     namespace: tenant / cache salt; entries never cross namespaces.
     auto_segments: cut unannotated text into content-defined chunks that can be reused.
     register: publish freshly computed segments and prefix blocks into the cache.
@@ -38,6 +44,8 @@ class ReuseOptions:
     tail_tokens: int = 64
     epic_tokens: int = 16
     check_layer: int = 1
+    blend_score: str = "kv"
+    blend_overflow: bool = True
     namespace: str = ""
     auto_segments: bool = True
     register: bool = True
@@ -51,6 +59,8 @@ class ReuseOptions:
             raise ValueError(f"a fractional boundary must be in [0, 1), got {self.boundary}")
         if isinstance(self.boundary, int) and not isinstance(self.boundary, bool) and self.boundary < 0:
             raise ValueError(f"boundary layer must be >= 0, got {self.boundary}")
+        if self.blend_score not in BLEND_SCORES:
+            raise ValueError(f"blend_score must be one of {', '.join(BLEND_SCORES)}, got {self.blend_score!r}")
         for name in ("overflow_blocks", "tail_tokens", "epic_tokens", "check_layer"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")

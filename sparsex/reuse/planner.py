@@ -12,8 +12,8 @@ import torch
 
 from sparsex.attention import attention_probs
 from sparsex.kv_cache import KVCache
-from sparsex.model_runner import PlannedPrefill, SeqInput
-from sparsex.models.base import ModelSpec, StepContext
+from sparsex.model_runner import PlannedPrefill, SelectionInputs, SeqInput
+from sparsex.models.base import ModelSpec
 from sparsex.reuse.options import ReuseOptions, boundary_layer
 from sparsex.reuse.selectors import (
     epic_positions,
@@ -69,60 +69,73 @@ def plan_prefill(
     )
     read = sit.seq
 
-    def k_after(step: StepContext, layer: int) -> torch.Tensor:
-        return kv.read(layer, step.seqs[0].read)[0]  # [T, Hkv, D]
+    def query_mass(inp: SelectionInputs) -> torch.Tensor:
+        """Sparse-Q: attention of the non-reused queries over every key, summed ([T])."""
+        rows = torch.nonzero(fresh[inp.positions.cpu()]).flatten()
+        scores = torch.zeros(n)
+        for c in range(0, rows.numel(), QUERY_CHUNK):
+            r = rows[c : c + QUERY_CHUNK]
+            probs = attention_probs(
+                inp.q[r], inp.k_fresh, inp.positions[r], scale=spec.attn_scale, window=spec.windows[inp.layer]
+            )  # [H, n_r, T]
+            scores += sparse_q_scores(probs, inp.positions[r], n).cpu()
+        return scores
 
     if method == "cacheblend":
         check = min(opts.check_layer, layers - 1)
 
-        def select_dev(step: StepContext, layer: int) -> torch.Tensor:
-            _, k_before = step.captured[layer][0]
-            scores = kv_deviation_scores(k_after(step, layer), k_before)
+        def select_dev(inp: SelectionInputs) -> torch.Tensor:
+            scores = kv_deviation_scores(inp.k_fresh, inp.k_cached)
             return union(i_nr, top_k_reused(scores, sit.reused, k))
 
         return PlannedPrefill(read, check + 1, i_nr, select_dev, check)
 
     if method == "blend":
-        # Overflow and tail first, inside the budget; the rest by K deviation at the check layer.
-        check = min(opts.check_layer, layers - 1)
-        extras_in = extras[: max(0, k)] if extras.numel() > k else extras
-        remaining = sit.reused.clone()
-        remaining[extras_in] = False
+        # Dense up to the check layer, then *probe* it: project K/V for every token without writing,
+        # so tokens that are not selected keep consistent (all-layers) cached KV.
+        check = max(1, min(opts.check_layer, layers - 1))
 
-        def select_blend(step: StepContext, layer: int) -> torch.Tensor:
-            _, k_before = step.captured[layer][0]
-            scores = kv_deviation_scores(k_after(step, layer), k_before)
-            chosen = top_k_reused(scores, remaining, k - extras_in.numel())
-            return union(i_nr, extras_in, chosen)
+        def select_blend(inp: SelectionInputs) -> torch.Tensor:
+            parts = {"k": kv_deviation_scores(inp.k_fresh, inp.k_cached)}
+            if "v" in opts.blend_score or opts.blend_score == "impact":
+                parts["v"] = kv_deviation_scores(inp.v_fresh, inp.v_cached)
+            if "q" in opts.blend_score or opts.blend_score == "impact":
+                parts["q"] = query_mass(inp)
+            if opts.blend_score == "impact":  # first-order effect of a stale value on the new queries
+                scores = parts["q"] * parts["v"]
+            else:
+                scores = sum(normalized(p, sit.reused) for p in parts.values())  # type: ignore[assignment]
+            chosen = top_k_reused(scores, sit.reused, k)
+            return union(i_nr, chosen, extras) if opts.blend_overflow else union(i_nr, chosen)
 
-        return PlannedPrefill(read, check + 1, i_nr, select_blend, check)
+        return PlannedPrefill(read, check, i_nr, select_blend, check, probe=True)
 
     # sparsex: Sparse-Q scores at ℓ* (hybrid) or at layer 0 from the non-reused queries alone.
     lstar = boundary_layer(opts, layers, spec.family) if opts.hybrid else 0
 
-    def select_q(step: StepContext, layer: int) -> torch.Tensor:
-        q, _ = step.captured[layer][0]
-        active = step.seqs[0].positions
-        rows = torch.nonzero(fresh[active.cpu()]).flatten()
-        keys = k_after(step, layer)
-        scores = torch.zeros(n)
-        for c in range(0, rows.numel(), QUERY_CHUNK):
-            r = rows[c : c + QUERY_CHUNK]
-            probs = attention_probs(
-                q[r], keys, active[r], scale=spec.attn_scale, window=spec.windows[layer]
-            )  # [H, n_r, T]
-            scores += sparse_q_scores(probs, active[r], n).cpu()
-        return union(i_nr, top_k_reused(scores, sit.reused, k), extras)
+    def select_q(inp: SelectionInputs) -> torch.Tensor:
+        return union(i_nr, top_k_reused(query_mass(inp), sit.reused, k), extras)
 
     if opts.hybrid:
         return PlannedPrefill(read, lstar + 1, i_nr, select_q, lstar)
     return PlannedPrefill(read, 0, i_nr, select_q, 0)
 
 
+def normalized(scores: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
+    """Scores divided by their mean over ``among`` (so different signals can be added)."""
+    return scores / scores[among].float().mean().clamp_min(1e-12)
+
+
 def compute_fraction(plan: PlannedPrefill, num_layers: int, prompt_len: int, recomputed: int) -> float:
-    """Fraction of a full prefill's per-layer token work actually done (a dense layer counts in full)."""
+    """Fraction of a full prefill's per-layer token work actually done (a dense layer counts in full).
+
+    A probe (Q/K/V projections of every token at one layer) is counted as a quarter layer, about
+    the share of a layer's FLOPs its projections take in these models.
+    """
     run = len(plan.seq.token_ids)
-    work = plan.dense_layers * run + (num_layers - plan.dense_layers) * recomputed
-    if plan.dense_layers == 0 and plan.select is not None:
-        work += plan.recompute.numel() * (plan.select_layer + 1)  # the probe
+    work: float = plan.dense_layers * run + (num_layers - plan.dense_layers) * recomputed
+    if plan.probe:
+        work += 0.25 * run
+    elif plan.dense_layers == 0 and plan.select is not None:
+        work += plan.recompute.numel() * (plan.select_layer + 1)  # the layer-0 pass of the probe set
     return work / (num_layers * prompt_len)
