@@ -89,9 +89,11 @@ def plot_quality_cost(rows: list[dict[str, Any]], path: str) -> None:
         for r in rows:
             if r["kind"] == kind and r["gap_closed"] is not None:
                 by_method.setdefault(r["method"].split("@")[0], []).append((r["cost"], r["gap_closed"]))
-        for m, pts in sorted(by_method.items()):
+        styles = ["-", "--", ":", "-."]
+        for j, (m, pts) in enumerate(sorted(by_method.items())):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="os^D"[j % 4], linestyle=styles[j // 10 % 4],
+                    color=plt.get_cmap("tab10")(j % 10), label=m)
         ax.set_title(kind)
         ax.set_xlabel("cost (fraction of full-prefill compute)")
         ax.set_ylabel("naive->full KL gap closed")
