@@ -1,0 +1,56 @@
+"""The pure-Python layers (cache, scheduler, workloads, reuse options) never load torch or numpy."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "numpy", "transformers")
+PURE_MODULES = ["sparsex.cache", "sparsex.workloads", "sparsex.scheduler", "sparsex.request",
+                "sparsex.reuse.options", "sparsex.segments", "sparsex.sampling_params"]
+PURE_FILES = [*sorted((REPO_ROOT / "sparsex" / "cache").glob("*.py")),
+              *sorted((REPO_ROOT / "sparsex" / "workloads").glob("*.py")),
+              *(REPO_ROOT / "sparsex" / f for f in ("scheduler.py", "request.py", "segments.py",
+                                                     "sampling_params.py", "reuse/options.py"))]
+
+
+@pytest.mark.parametrize("module", PURE_MODULES)
+def test_importing_loads_no_heavy_module(module: str) -> None:
+    code = (
+        f"import sys, {module}\n"
+        "import sparsex.workloads as w; w.make_workload('rag', 1, 0, doc_tokens=20, num_docs=2)\n"
+        f"heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)\n"
+        "assert not heavy, heavy"
+    )
+    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": python_path}, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("path", PURE_FILES, ids=lambda p: p.name)
+def test_no_pure_module_imports_a_heavy_module_even_lazily(path: Path) -> None:
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module is not None:
+            names = [node.module]
+        for name in names:
+            assert name.split(".")[0] not in HEAVY, f"{path.name} imports {name}"
+
+
+def test_public_names_are_exported() -> None:
+    import sparsex.cache
+    import sparsex.workloads
+
+    for mod in (sparsex.cache, sparsex.workloads):
+        for name in mod.__all__:
+            assert hasattr(mod, name), (mod.__name__, name)
+    assert sparsex.workloads.WORKLOADS == ("rag", "chat", "agents", "needle", "vartrack", "cwe", "fwe")
