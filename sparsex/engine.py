@@ -293,7 +293,7 @@ class LLM:
         while not req.finished:
             self.step()
         assert req.first_logits is not None
-        return torch.log_softmax(req.first_logits, dim=-1).numpy()
+        return torch.log_softmax(req.first_logits, dim=-1).cpu().numpy()
 
     # ----- pinned segments ---------------------------------------------------------------------
 

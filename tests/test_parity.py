@@ -25,26 +25,27 @@ def hf_model(folder):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_logits_match_transformers(arch: str, tiny_model_dir) -> None:
+def test_logits_match_transformers(arch: str, tiny_model_dir, device: str) -> None:
     folder = tiny_model_dir(arch)
-    ours, cfg = load_model(folder, torch.device("cpu"))
+    dev = torch.device(device)
+    ours, cfg = load_model(folder, dev)
     ref = hf_model(folder)
-    kv = KVCache(ours.spec, num_blocks=16, block_size=16, dtype=torch.float32, device=torch.device("cpu"))
-    runner = ModelRunner(ours, kv, torch.device("cpu"))
+    kv = KVCache(ours.spec, num_blocks=16, block_size=16, dtype=torch.float32, device=dev)
+    runner = ModelRunner(ours, kv, dev)
     gen = torch.Generator().manual_seed(1)
     for n in LENGTHS:
         ids = torch.randint(4, cfg.vocab_size, (n,), generator=gen)
         table = list(range(15, 15 - (-(-n // 16)), -1))  # non-consecutive blocks: the gather path
-        got = runner.forward([SeqInput(ids.tolist(), list(range(n)), table, n)], all_logits=True)
+        got = runner.forward([SeqInput(ids.tolist(), list(range(n)), table, n)], all_logits=True).cpu()
         with torch.no_grad():
             want = ref(ids[None]).logits[0]
         assert rel_err(got, want) <= 1e-4, (arch, n, rel_err(got, want))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_generation_matches_transformers(arch: str, tiny_model_dir) -> None:
+def test_greedy_generation_matches_transformers(arch: str, tiny_model_dir, device: str) -> None:
     folder = tiny_model_dir(arch)
-    llm = LLM(model=str(folder), kv_cache_memory=8 << 20)
+    llm = LLM(model=str(folder), kv_cache_memory=8 << 20, device=device)
     ref = hf_model(folder)
     prompt = list(range(10, 50))
     out = llm.generate(prompt, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))[0]
