@@ -196,7 +196,8 @@ class LLM:
         p = req.params
         stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
         if tok in stop_ids:
-            req.output_token_ids.pop() if tok not in p.stop_token_ids or tok in self.eos_token_ids else None
+            if tok not in p.stop_token_ids or tok in self.eos_token_ids:  # EOS is not part of the output
+                req.output_token_ids.pop()
             req.finish_reason = "stop"
         req.text = self.tokenizer.decode(req.output_token_ids)
         for s in p.stop:

@@ -7,21 +7,12 @@ from pydoc_data.topics import topics
 from typing import Any
 
 import pytest
-import torch
 
 from sparsex import LLM, SamplingParams, Segment
-from sparsex.kv_cache import KVCache
+from tests.tiny_models import make_llm
 
 BS = 16
 ONE = SamplingParams(max_tokens=1, temperature=0.0)
-
-
-def make_llm(folder: Any, num_blocks: int, **kwargs: Any) -> LLM:
-    probe = LLM(model=str(folder), kv_cache_memory=1 << 20)
-    per_block = KVCache.bytes_per_block(probe.spec, BS, torch.float32)
-    llm = LLM(model=str(folder), kv_cache_memory=num_blocks * per_block, **kwargs)
-    assert llm.pool.num_blocks == num_blocks
-    return llm
 
 
 @pytest.fixture(scope="module")

@@ -11,25 +11,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from sparsex import LLM, SamplingParams, Segment
 from sparsex.cache import chunk_tokens
-from sparsex.kv_cache import KVCache
 from sparsex.reuse.options import METHODS
+from tests.tiny_models import make_llm
 
 BS = 16
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 TEXT = "".join(topics[k] for k in ("assert", "assignment", "class", "calls", "comparisons"))
-
-
-def make_llm(folder: Any, num_blocks: int = 256, **kwargs: Any) -> LLM:
-    """An engine on ``folder`` with exactly ``num_blocks`` KV blocks."""
-    probe = LLM(model=str(folder), kv_cache_memory=1 << 20)
-    per_block = KVCache.bytes_per_block(probe.spec, BS, torch.float32)
-    llm = LLM(model=str(folder), kv_cache_memory=num_blocks * per_block, **kwargs)
-    assert llm.pool.num_blocks == num_blocks
-    return llm
 
 
 @pytest.fixture(scope="module")

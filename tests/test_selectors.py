@@ -37,7 +37,7 @@ def test_sparse_q_scores_sum_over_heads_and_queries() -> None:
     probs[0, 1] = torch.tensor([0.0, 0.25, 0.75, 0.0])
     probs[1, 0] = torch.tensor([1.0, 0.0, 0.0, 0.0])
     probs[1, 1] = torch.tensor([0.0, 0.0, 0.0, 1.0])
-    s = sparse_q_scores(probs, torch.tensor([2, 3]), 6)
+    s = sparse_q_scores(probs, 6)
     assert s.tolist() == [1.5, 0.75, 0.75, 1.0, 0.0, 0.0]
 
 

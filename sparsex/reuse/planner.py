@@ -78,7 +78,7 @@ def plan_prefill(
             probs = attention_probs(
                 inp.q[r], inp.k_fresh, inp.positions[r], scale=spec.attn_scale, window=spec.windows[inp.layer]
             )  # [H, n_r, T]
-            scores += sparse_q_scores(probs, inp.positions[r], n).cpu()
+            scores += sparse_q_scores(probs, n).cpu()
         return scores
 
     if method == "cacheblend":

@@ -25,13 +25,13 @@ def top_k_reused(scores: torch.Tensor, reused: torch.Tensor, k: int) -> torch.Te
     return torch.sort(cand[order]).values
 
 
-def sparse_q_scores(probs: torch.Tensor, query_pos: torch.Tensor, length: int) -> torch.Tensor:
+def sparse_q_scores(probs: torch.Tensor, length: int) -> torch.Tensor:
     """SparseX importance: attention of the non-reused queries, summed over queries and heads.
 
-    probs: [H, N, T'] softmax weights of N queries over keys at positions 0..T'-1 (T' <= length).
+    probs: [H, N, T'] softmax weights of the N non-reused queries over keys at positions 0..T'-1
+        (T' <= length).
     Returns s: [length] with s_j = sum_h sum_i probs[h, i, j].
     """
-    del query_pos  # probs already holds only the non-reused queries' rows
     s = torch.zeros(length, dtype=torch.float32, device=probs.device)
     s[: probs.shape[-1]] = probs.float().sum(dim=(0, 1))
     return s

@@ -129,6 +129,21 @@ def _chat_logprobs(texts: list[str], logprobs: list[float], top: int) -> dict[st
     return {"content": entries}
 
 
+def _envelope(
+    obj: str, states: list[ChoiceState], head: Head, choices: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The body shared by chat and text completions: ids, choices, usage and cache statistics."""
+    return {
+        "id": head.id,
+        "object": obj,
+        "created": head.created,
+        "model": head.model,
+        "choices": choices,
+        "usage": usage(states, head.n),
+        "sparsex": sparsex_info(states),
+    }
+
+
 def chat_response(states: list[ChoiceState], head: Head, logprobs: bool, top: int) -> dict[str, Any]:
     choices = [
         {
@@ -139,15 +154,7 @@ def chat_response(states: list[ChoiceState], head: Head, logprobs: bool, top: in
         }
         for s in states
     ]
-    return {
-        "id": head.id,
-        "object": "chat.completion",
-        "created": head.created,
-        "model": head.model,
-        "choices": choices,
-        "usage": usage(states, head.n),
-        "sparsex": sparsex_info(states),
-    }
+    return _envelope("chat.completion", states, head, choices)
 
 
 def sse(payload: dict[str, Any]) -> str:
@@ -218,15 +225,7 @@ def completion_response(states: list[ChoiceState], head: Head, logprobs: int | N
         }
         for s in states
     ]
-    return {
-        "id": head.id,
-        "object": "text_completion",
-        "created": head.created,
-        "model": head.model,
-        "choices": choices,
-        "usage": usage(states, head.n),
-        "sparsex": sparsex_info(states),
-    }
+    return _envelope("text_completion", states, head, choices)
 
 
 async def completion_stream(
