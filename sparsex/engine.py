@@ -198,6 +198,7 @@ class LLM:
         if tok in stop_ids:
             if tok not in p.stop_token_ids or tok in self.eos_token_ids:  # EOS is not part of the output
                 req.output_token_ids.pop()
+                req.output_logprobs.pop()
             req.finish_reason = "stop"
         req.text = self.tokenizer.decode(req.output_token_ids)
         for s in p.stop:

@@ -71,3 +71,15 @@ def test_decode_after_prefill_equals_one_forward(arch: str, tiny_model_dir) -> N
     for p in range(30, 60):
         step = runner.forward([SeqInput([ids[p]], [p], table, p + 1)])
         assert rel_err(step[0], full[p]) <= 1e-4
+
+
+def test_logprobs_stay_aligned_with_tokens_when_eos_ends_generation(tiny_model_dir) -> None:
+    llm = LLM(model=str(tiny_model_dir("llama")), kv_cache_memory=8 << 20)
+    prompt = list(range(10, 30))
+    free = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+    eos = free.token_ids[3]
+    llm.eos_token_ids = {eos}  # make the 4th greedy token end generation
+    out = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, logprobs=True))[0]
+    assert out.finish_reason == "stop"
+    assert out.token_ids == free.token_ids[: free.token_ids.index(eos)]
+    assert len(out.logprobs) == len(out.token_ids)
