@@ -15,7 +15,15 @@ import torch
 
 from sparsex import LLM, SamplingParams, Segment
 from sparsex.models.loader import load_model
-from sparsex.models.rope import RopeTable, align_rope, apply_rope, build_rope_table, delta_rotation, rotate
+from sparsex.models.rope import (
+    RopeTable,
+    align_rope,
+    apply_rope,
+    build_rope_table,
+    delta_rotation,
+    rotate,
+    to_pair_layout,
+)
 from sparsex.request import Request
 from tests.tiny_models import ARCHS
 
@@ -48,10 +56,9 @@ def round_trip_errors(table: RopeTable, head_dim: int) -> tuple[float, float]:
     n = 64
     p = torch.randint(0, 3000, (n,), generator=gen)
     q = torch.randint(0, 3000, (n,), generator=gen)
-    cos, sin = table.cos_sin(p)
-    k = apply_rope(torch.randn(n, 2, head_dim, generator=gen), cos, sin)  # keys rotated at p
+    k = apply_rope(torch.randn(n, 2, head_dim, generator=gen), table.rotary(p))  # keys rotated at p
     there_and_back = align_rope(align_rope(k, p, q, table), q, p, table)
-    fp32 = rotate(rotate(k, *delta_rotation(p, q, table)), *delta_rotation(q, p, table))
+    fp32 = rotate(rotate(k, delta_rotation(p, q, table)), delta_rotation(q, p, table))
     return rel_err(there_and_back, k), rel_err(fp32, k)
 
 
@@ -75,16 +82,32 @@ def test_rotate_there_and_back_scaled_rope(rope_type: str) -> None:
     assert exact <= 1e-6 and fp32 <= 1e-6, (exact, fp32)
 
 
+@pytest.mark.parametrize("rope_type", ["default", "yarn"])
+def test_pair_layout_rotates_like_the_checkpoints_half_split_rope(rope_type: str) -> None:
+    """Permuting dims into pairs, then rotating, equals the checkpoint's rotate_half RoPE, permuted."""
+    table = scaled_table("yarn") if rope_type == "yarn" else RopeTable(1.0 / 10000 ** (torch.arange(0, 64, 2) / 64))
+    gen = torch.Generator().manual_seed(2)
+    x, p = torch.randn(40, 3, 64, generator=gen), torch.randint(0, 4000, (40,), generator=gen)
+    cos, sin = (t[:, None, :] for t in table.cos_sin(p))
+    half_split = x * cos + torch.cat((-x[..., 32:], x[..., :32]), dim=-1) * sin  # transformers' formula
+    pairs = apply_rope(to_pair_layout(x.reshape(-1), 64).view_as(x), table.rotary(p))
+    assert rel_err(pairs, to_pair_layout(half_split.reshape(-1), 64).view_as(x)) <= 1e-6
+    # Rows of a projection: permuting the weight permutes its output the same way.
+    w = torch.randn(3 * 64, 16, generator=gen)
+    h = torch.randn(5, 16, generator=gen)
+    assert torch.equal(h @ to_pair_layout(w, 64).T, to_pair_layout((h @ w.T).T, 64).T)
+
+
 def test_align_equals_rotation_at_target_position() -> None:
     """R(p') R(p)^T applied to R(p) k is R(p') k, for a yarn table with attention scaling."""
     table = scaled_table("yarn")
     gen = torch.Generator().manual_seed(1)
     raw = torch.randn(50, 2, 64, generator=gen)
     p, q = torch.arange(50), torch.arange(50) + 777
-    k_p = apply_rope(raw, *table.cos_sin(p))
-    k_q = apply_rope(raw, *table.cos_sin(q))
+    k_p = apply_rope(raw, table.rotary(p))
+    k_q = apply_rope(raw, table.rotary(q))
     assert rel_err(align_rope(k_p, p, q, table), k_q) <= 1e-5
-    assert rel_err(rotate(k_p, *delta_rotation(p, q, table)), k_q) <= 1e-5
+    assert rel_err(rotate(k_p, delta_rotation(p, q, table)), k_q) <= 1e-5
 
 
 # ----- through the engine ------------------------------------------------------------------------

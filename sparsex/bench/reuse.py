@@ -52,12 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lengths", default="", help="also sweep total doc tokens, e.g. 1024,2048,4096 (plot)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budget", type=float, default=0.15)
+    ap.add_argument("--methods", default="", help="comma-separated subset of the rows (default: all), e.g. none,naive")
     ap.add_argument("--out", default="out/bench_reuse.json")
     ap.add_argument("--plot", default="out/ttft_vs_length.png")
     args = ap.parse_args(argv)
 
     from sparsex import LLM, SamplingParams
 
+    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(wanted) - {label for label, _ in METHODS}
+    if unknown:
+        ap.error(f"unknown methods {sorted(unknown)}; rows are: {', '.join(label for label, _ in METHODS)}")
+    methods = [(label, opts) for label, opts in METHODS if not wanted or label in wanted or label == "none"]
     llm = LLM(model=args.model)
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     sizes = [args.docs * args.doc_tokens] + [int(x) for x in args.lengths.split(",") if x]
@@ -65,17 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     for total in sizes:
         prompt, docs = rag_prompt(llm, args.docs, total // args.docs, seed=total)
         llm.cache_segments(docs, namespace=f"bench-{total}")
-        times: dict[str, list[float]] = {label: [] for label, _ in METHODS}
+        times: dict[str, list[float]] = {label: [] for label, _ in methods}
         last: dict[str, Any] = {}
         for _ in range(args.repeats):
-            for label, opts in METHODS:  # interleaved so drift hits every method alike
+            for label, opts in methods:  # interleaved so drift hits every method alike
                 reuse = {**opts, "budget": args.budget, "register": False, "namespace": f"bench-{total}"}
                 out = llm.generate([prompt], one, reuse=reuse)[0]
                 times[label].append(out.metrics.ttft_s)
                 last[label] = out.metrics
         base = statistics.median(times["none"])
         rows = []
-        for label, _ in METHODS:
+        for label, _ in methods:
             m, t = last[label], statistics.median(times[label])
             rows.append({
                 "method": label, "ttft_s": t, "speedup": base / t, "cost": m.compute_fraction,
@@ -95,18 +101,18 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out, {"machine": machine(), "model": llm.model_name, "args": vars(args),
                           "results": {str(k): v for k, v in all_rows.items()}})
     if len(sizes) > 1 and args.plot:
-        _plot(all_rows, args.plot)
+        _plot(all_rows, [label for label, _ in methods], args.plot)
     return 0
 
 
-def _plot(all_rows: dict[int, list[dict[str, Any]]], path: str) -> None:
+def _plot(all_rows: dict[int, list[dict[str, Any]]], labels: list[str], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, _ in METHODS:
+    for label in labels:
         pts = sorted((rows[0]["prompt_tokens"], next(r["ttft_s"] for r in rows if r["method"] == label))
                      for rows in all_rows.values())
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)

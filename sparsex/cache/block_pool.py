@@ -71,7 +71,7 @@ class BlockPool:
 
     Invariants:
     - A block is free iff ``ref_count == 0 and pin_count == 0``; every free block is in exactly one
-      of two O(1) ordered lists: ``empty`` (no hash; FIFO) or ``lru`` (hash kept; head = least
+      of two O(1) ordered lists: ``empty`` (no hash; a stack) or ``lru`` (hash kept; head = least
       recently freed). ``allocate`` takes from ``empty`` first, then the ``lru`` head.
     - ``block.block_hash is not None`` iff ``by_hash[block.block_hash] == block.block_id``: one block
       per hash, and a published block's token ids never change until it is reallocated.
@@ -93,7 +93,10 @@ class BlockPool:
         # round() first so that e.g. 0.29 * 100 = 28.999999999999996 counts as 29 blocks.
         self._high_water_blocks = math.floor(round(high_water * num_blocks, 9))
         self._blocks = [_Block(block_id) for block_id in range(num_blocks)]
-        self._empty: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        # A stack, block 0 on top: the most recently emptied blocks are reused first, so a busy
+        # engine keeps cycling through memory that is already paged in and warm in cache rather
+        # than touching every block of a large pool once (page faults on first touch).
+        self._empty: OrderedDict[int, None] = OrderedDict.fromkeys(reversed(range(num_blocks)))
         self._lru: OrderedDict[int, None] = OrderedDict()
         self._by_hash: dict[BlockHash, int] = {}
         self._num_pinned = 0
@@ -173,7 +176,7 @@ class BlockPool:
         block_ids: list[int] = []
         for _ in range(num_blocks):
             if self._empty:
-                block_id, _ = self._empty.popitem(last=False)
+                block_id, _ = self._empty.popitem()
             else:
                 block_id, _ = self._lru.popitem(last=False)
                 self._evict(self._blocks[block_id])

@@ -93,14 +93,14 @@ class StepContext:
     kv: object
     capture_layers: frozenset[int] = frozenset()
     captured: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
-    _cos_sin: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _rotary: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def cos_sin(self, table: RopeTable) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of this step's positions for ``table`` (computed once per step per table)."""
+    def rotary(self, table: RopeTable) -> torch.Tensor:
+        """[N, D/2] complex rotations of this step's positions for ``table`` (once per step per table)."""
         key = id(table)
-        if key not in self._cos_sin:
-            self._cos_sin[key] = table.cos_sin(self.positions)
-        return self._cos_sin[key]
+        if key not in self._rotary:
+            self._rotary[key] = table.rotary(self.positions)
+        return self._rotary[key]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:

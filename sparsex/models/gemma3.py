@@ -13,7 +13,7 @@ from torch import nn
 
 from sparsex.kv_cache import paged_attention
 from sparsex.models.base import ModelSpec, StepContext, rms_norm
-from sparsex.models.rope import apply_rope, build_rope_table
+from sparsex.models.rope import apply_rope, build_rope_table, to_pair_layout
 
 FAMILY_TYPES = ("gemma3_text", "gemma3")
 
@@ -93,8 +93,8 @@ class Gemma3Model(nn.Module):
         v = qkv[:, layer.nq + layer.nkv :].view(n, spec.num_kv_heads, d)
         q = rms_norm(q, layer.q_norm, eps, offset=1.0)
         k = rms_norm(k, layer.k_norm, eps, offset=1.0)
-        cos, sin = step.cos_sin(spec.rope[i])
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        rot = step.rotary(spec.rope[i])
+        return apply_rope(q, rot), apply_rope(k, rot), v
 
     def layer_forward(self, i: int, x: torch.Tensor, step: StepContext) -> torch.Tensor:
         layer: Gemma3Layer = self.layers[i]  # type: ignore[assignment]
@@ -115,15 +115,17 @@ class Gemma3Model(nn.Module):
 
     @staticmethod
     def convert_state_dict(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
+        d = cfg.head_dim
         pre = "model.language_model." if any(k.startswith("model.language_model.") for k in sd) else "model."
         out = {"embed_tokens.weight": sd[pre + "embed_tokens.weight"], "norm": sd[pre + "norm.weight"]}
         for i in range(cfg.num_hidden_layers):
             p = f"{pre}layers.{i}."
             a = p + "self_attn."
             for suffix in ("weight", "bias"):
-                if f"{a}q_proj.{suffix}" in sd:
+                if f"{a}q_proj.{suffix}" in sd:  # Q and K rows in RoPE's pair layout (rope.py)
+                    q, k, v = (sd[f"{a}{n}_proj.{suffix}"] for n in "qkv")
                     out[f"layers.{i}.qkv_proj.{suffix}"] = torch.cat(
-                        [sd[f"{a}{n}_proj.{suffix}"] for n in "qkv"], dim=0
+                        [to_pair_layout(q, d), to_pair_layout(k, d), v], dim=0
                     )
                 if f"{a}o_proj.{suffix}" in sd:
                     out[f"layers.{i}.o_proj.{suffix}"] = sd[f"{a}o_proj.{suffix}"]
@@ -134,6 +136,6 @@ class Gemma3Model(nn.Module):
             for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                          "post_feedforward_layernorm"):
                 out[f"layers.{i}.{name}"] = sd[f"{p}{name}.weight"]
-            out[f"layers.{i}.q_norm"] = sd[a + "q_norm.weight"]
-            out[f"layers.{i}.k_norm"] = sd[a + "k_norm.weight"]
+            out[f"layers.{i}.q_norm"] = to_pair_layout(sd[a + "q_norm.weight"], d)
+            out[f"layers.{i}.k_norm"] = to_pair_layout(sd[a + "k_norm.weight"], d)
         return out

@@ -2,6 +2,7 @@
 
 Weights keep transformers' names except two fusions done at load time:
 ``qkv_proj = cat(q_proj, k_proj, v_proj)`` and ``gate_up_proj = cat(gate_proj, up_proj)``.
+Q and K rows (and the Qwen3 q/k norms) are put in RoPE's pair layout (see ``rope.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import nn
 
 from sparsex.kv_cache import paged_attention
 from sparsex.models.base import ModelSpec, StepContext, rms_norm
-from sparsex.models.rope import apply_rope, build_rope_table
+from sparsex.models.rope import apply_rope, build_rope_table, to_pair_layout
 
 FAMILY_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -94,8 +95,8 @@ class LlamaModel(nn.Module):
         if layer.qk_norm:
             q = rms_norm(q, layer.q_norm, layer.eps)
             k = rms_norm(k, layer.k_norm, layer.eps)
-        cos, sin = step.cos_sin(spec.rope[i])
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        rot = step.rotary(spec.rope[i])
+        return apply_rope(q, rot), apply_rope(k, rot), v
 
     def layer_forward(self, i: int, x: torch.Tensor, step: StepContext) -> torch.Tensor:
         layer: LlamaLayer = self.layers[i]  # type: ignore[assignment]
@@ -116,6 +117,7 @@ class LlamaModel(nn.Module):
     @staticmethod
     def convert_state_dict(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
         """transformers names -> ours (fused qkv and gate_up)."""
+        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         out: dict[str, torch.Tensor] = {}
         out["embed_tokens.weight"] = sd["model.embed_tokens.weight"]
         out["norm"] = sd["model.norm.weight"]
@@ -125,9 +127,11 @@ class LlamaModel(nn.Module):
             p = f"model.layers.{i}."
             a = p + "self_attn."
             for suffix in ("weight", "bias"):
-                parts = [sd.get(f"{a}{n}_proj.{suffix}") for n in "qkv"]
-                if all(t is not None for t in parts):
-                    out[f"layers.{i}.qkv_proj.{suffix}"] = torch.cat(parts, dim=0)  # type: ignore[arg-type]
+                q, k, v = (sd.get(f"{a}{n}_proj.{suffix}") for n in "qkv")
+                if q is not None and k is not None and v is not None:
+                    out[f"layers.{i}.qkv_proj.{suffix}"] = torch.cat(
+                        [to_pair_layout(q, d), to_pair_layout(k, d), v], dim=0
+                    )
                 if f"{a}o_proj.{suffix}" in sd:
                     out[f"layers.{i}.o_proj.{suffix}"] = sd[f"{a}o_proj.{suffix}"]
                 g, u = sd.get(f"{p}mlp.gate_proj.{suffix}"), sd.get(f"{p}mlp.up_proj.{suffix}")
@@ -138,6 +142,6 @@ class LlamaModel(nn.Module):
             out[f"layers.{i}.input_layernorm"] = sd[p + "input_layernorm.weight"]
             out[f"layers.{i}.post_attention_layernorm"] = sd[p + "post_attention_layernorm.weight"]
             if cfg.model_type == "qwen3":
-                out[f"layers.{i}.q_norm"] = sd[a + "q_norm.weight"]
-                out[f"layers.{i}.k_norm"] = sd[a + "k_norm.weight"]
+                out[f"layers.{i}.q_norm"] = to_pair_layout(sd[a + "q_norm.weight"], d)
+                out[f"layers.{i}.k_norm"] = to_pair_layout(sd[a + "k_norm.weight"], d)
         return out

