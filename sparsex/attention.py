@@ -2,14 +2,18 @@
 
 All functions are pure: tensors in, tensors out. The dense causal case (queries
 are exactly positions ``0..T-1``) stays on SDPA's ``is_causal`` fast path; a
-single query at the end needs no mask; otherwise a boolean mask of shape
-``[num_queries, T]`` is built — never ``[T, T]`` when only a few queries run.
+single query at the end needs no mask; otherwise queries run in chunks, each over
+the keys up to its last query with a mask over its own span only — never ``[T, T]``.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+QUERY_CHUNK = 128
+"""Queries per SDPA call for scattered queries (measured on 4k keys: 64-128 best, ~2x the
+single masked call for a recompute set, ~1.7x for a prefill after a prefix)."""
 
 
 def attend(
@@ -32,7 +36,7 @@ def attend(
     Returns [N, Hq, D].
     """
     n, t = q.shape[0], k.shape[0]
-    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+    hq, hkv = q.shape[1], k.shape[1]
     k = k.to(q.dtype)
     v = v.to(q.dtype)
     if dense_causal and (window is None or t <= window):
@@ -45,24 +49,43 @@ def attend(
             enable_gqa=hq != hkv,
         )  # [1, Hq, N, D]
         return out.squeeze(0).transpose(0, 1)
-    # Few queries: fold each KV head's query group into the query axis (one SDPA call with no
-    # KV repeat; measured ~10x faster than enable_gqa for a single decode query on CPU).
     g = hq // hkv
-    mask: torch.Tensor | None = None
-    if n == 1 and int(q_pos[0]) == t - 1:
-        if window is not None and t > window:  # decode on a sliding layer: keep the last `window` keys
+    if n == 1 and int(q_pos[0]) == t - 1:  # decode: one query at the end sees every key, no mask
+        if window is not None and t > window:  # sliding layer: keep the last `window` keys
             k, v = k[t - window :], v[t - window :]
-    else:
-        k_pos = torch.arange(t, device=q.device)
-        mask = k_pos[None, :] <= q_pos[:, None]  # [N, T]
+        return _grouped_sdpa(q, k, v, None, scale)
+    # Scattered queries (a recompute set, or a prefill after a reused prefix): chunks of
+    # consecutive queries, each over the keys up to its last query only. Keys before the chunk's
+    # first query are visible to all of it; only the chunk's own span needs masking. The additive
+    # float mask is built per chunk ([chunk*G, keys], never [T, T]); work stays close to causal.
+    outs = []
+    for a in range(0, n, QUERY_CHUNK):
+        pos = q_pos[a : a + QUERY_CHUNK]
+        first, last = int(pos[0]), int(pos[-1])
+        k0 = 0 if window is None else max(0, first - window + 1)
+        k_pos = torch.arange(k0, last + 1, device=q.device)
+        mask = torch.zeros(pos.numel(), last + 1 - k0, dtype=q.dtype, device=q.device)
+        mask[:, first - k0 :].masked_fill_(k_pos[first - k0 :][None, :] > pos[:, None], float("-inf"))
         if window is not None:
-            mask &= k_pos[None, :] > (q_pos[:, None] - window)
-        mask = mask.repeat_interleave(g, dim=0)  # [N*G, T]: row n*G + j is query n, group member j
-    qg = q.view(n, hkv, g, d).transpose(0, 1).reshape(hkv, n * g, d)  # [Hkv, N*G, D]
+            mask.masked_fill_(k_pos[None, :] <= pos[:, None] - window, float("-inf"))
+        mask = mask.repeat_interleave(g, dim=0)  # [m*G, keys]: row i*G + j is query i, group member j
+        outs.append(_grouped_sdpa(q[a : a + QUERY_CHUNK], k[k0 : last + 1], v[k0 : last + 1], mask, scale))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+def _grouped_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """SDPA with each KV head's query group folded into the query axis (no KV repeat; measured
+    ~10x faster than ``enable_gqa`` for a single decode query on CPU). q: [n, Hq, D] -> same."""
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    qg = q.reshape(n, hkv, g, d).transpose(0, 1).reshape(hkv, n * g, d)  # [Hkv, n*G, D]
     out = F.scaled_dot_product_attention(
         qg.unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
         attn_mask=mask, scale=scale,
-    )  # [1, Hkv, N*G, D]
+    )  # [1, Hkv, n*G, D]
     return out.view(hkv, n, g, d).transpose(0, 1).reshape(n, hq, d)
 
 
