@@ -46,6 +46,7 @@ def logprobs(llm: LLM, method: str, **opts: object) -> tuple[np.ndarray, dict]:
         ("cacheblend", {"budget": 1.0}),
         ("blend", {"budget": 1.0}),
         ("epic", {"epic_tokens": 10_000}),
+        ("oracle", {"budget": 1.0}),
     ],
 )
 def test_recompute_everything_reproduces_none(warm_llm: LLM, method: str, opts: dict) -> None:
@@ -75,3 +76,16 @@ def test_naive_is_an_approximation_and_recomputes_only_new_tokens(warm_llm: LLM)
 def test_budget_controls_the_recompute_set(warm_llm: LLM) -> None:
     sizes = [logprobs(warm_llm, "cacheblend", budget=b)[1]["recomputed"] for b in (0.0, 0.25, 0.5)]
     assert sizes[0] < sizes[1] < sizes[2]
+
+
+def test_oracle_restores_the_loaded_kv_and_ranks_by_true_error(warm_llm: LLM) -> None:
+    """With budget 0 the oracle must equal naive exactly: its measuring prefill left no trace."""
+    naive, m_naive = logprobs(warm_llm, "naive")
+    oracle, m_oracle = logprobs(warm_llm, "oracle", budget=0.0)
+    assert m_oracle["recomputed"] == m_naive["recomputed"]
+    assert np.abs(oracle - naive).max() <= 1e-6
+    # A small budget spent on the largest true errors beats naive.
+    ref, _ = logprobs(warm_llm, "none")
+    better, _ = logprobs(warm_llm, "oracle", budget=0.3)
+    kl = [float(np.sum(np.exp(ref) * (ref - x))) for x in (naive, better)]
+    assert kl[1] < kl[0]

@@ -68,6 +68,8 @@ def test_runs_overflow_and_prefix_boundary() -> None:
     # nothing before `start` is ever recomputed
     assert overflow_positions(reused, 2, start=3).tolist() == [3, 6, 7, 10, 11]
     assert overflow_positions(reused, 0).tolist() == []
+    # only the side after each run (tokens before new text never attend to it)
+    assert overflow_positions(reused, 2, before=False).tolist() == [6, 7]
 
 
 def test_tail_fallback_only_when_prompt_ends_in_a_segment() -> None:

@@ -6,7 +6,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 BLEND_SCORES = ("k", "kv", "q", "kq", "kvq", "impact")
-METHODS = ("none", "prefix", "naive", "epic", "cacheblend", "sparsex", "blend")
+METHODS = ("none", "prefix", "naive", "epic", "cacheblend", "sparsex", "blend", "oracle")
+SERVING_METHODS = METHODS[:-1]  # "oracle" runs a full prefill first: an upper bound for evaluation only
 
 
 @dataclass(frozen=True)
@@ -19,10 +20,15 @@ class ReuseOptions:
         cacheblend: dense through ``check_layer``, then top tokens by K deviation.
         sparsex: the paper's Sparse-Q selection at ``boundary`` (hybrid) or layer 0.
         blend: our default, see docs/REUSE.md.
+        oracle: evaluation only: runs a full prefill first to measure every reused token's true KV
+            error (summed over layers), restores the cached KV, then recomputes the top ``budget``
+            tokens by that error (plus the non-reused ones). Shows the headroom of any selector.
     budget: fraction of reused tokens to recompute (the top-k size), in [0, 1].
     boundary: ℓ* as a layer index (int) or a fraction of depth (float in [0, 1)); None = family default.
     hybrid: sparsex only: layers 0..ℓ* dense (True) or select at layer 0 (False).
     overflow_blocks: KV blocks added on each side of every non-reused run (sparsex, blend).
+    overflow_before: also take the blocks *before* each non-reused run (the paper does). Causally
+        those tokens never see the new text; only the blocks after it do.
     tail_tokens: tokens added from a reused segment the prompt ends in (sparsex, blend).
     epic_tokens: epic: leading tokens recomputed per reused segment.
     check_layer: cacheblend: layer at which K deviation is measured (dense through it); blend: the
@@ -41,6 +47,7 @@ class ReuseOptions:
     boundary: int | float | None = None
     hybrid: bool = True
     overflow_blocks: int = 1
+    overflow_before: bool = True
     tail_tokens: int = 64
     epic_tokens: int = 16
     check_layer: int = 1

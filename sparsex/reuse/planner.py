@@ -36,12 +36,14 @@ class ReuseSituation:
     prefix_len: exact prefix-cache hit length.
     reused: [T] bool, positions whose KV was loaded from cached segments.
     segment_runs: [start, end) of every loaded segment hit.
+    true_error: [T] float, method ``oracle`` only: each token's cached-vs-fresh KV error.
     """
 
     seq: SeqInput
     prefix_len: int
     reused: torch.Tensor
     segment_runs: list[tuple[int, int]]
+    true_error: torch.Tensor | None = None
 
 
 def plan_prefill(
@@ -60,11 +62,15 @@ def plan_prefill(
         return PlannedPrefill(sit.seq, dense_layers=layers, recompute=torch.arange(start, n))
     if method == "naive":
         return PlannedPrefill(sit.seq, dense_layers=0, recompute=i_nr)
+    if method == "oracle":
+        if sit.true_error is None:
+            raise ValueError("method 'oracle' needs the true KV error (prefill_request measures it)")
+        return PlannedPrefill(sit.seq, 0, union(i_nr, top_k_reused(sit.true_error, sit.reused, k)))
     if method == "epic":
         return PlannedPrefill(sit.seq, 0, union(i_nr, epic_positions(sit.segment_runs, opts.epic_tokens)))
     width = opts.overflow_blocks * kv.block_size
     extras = union(
-        overflow_positions(sit.reused, width, start),
+        overflow_positions(sit.reused, width, start, before=opts.overflow_before),
         tail_positions(sit.reused, sit.segment_runs, opts.tail_tokens),
     )
     read = sit.seq

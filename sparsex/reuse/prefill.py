@@ -45,7 +45,8 @@ def prefill_request(llm: LLM, req: Request) -> torch.Tensor:
     reused[store.load(lookup, req.block_table)] = True
     req.metrics.reuse_overhead_s = time.perf_counter() - t0
     seq = SeqInput(ids[start:], list(range(start, n)), req.block_table, n)
-    plan = plan_prefill(opts, llm.spec, llm.kv, ReuseSituation(seq, start, reused, runs))
+    error = true_kv_error(llm, seq, reused) if opts.method == "oracle" and bool(reused.any()) else None
+    plan = plan_prefill(opts, llm.spec, llm.kv, ReuseSituation(seq, start, reused, runs, error))
     logits, recomputed = run_planned(llm.runner, plan)
     req.num_computed_tokens = n
 
@@ -63,6 +64,25 @@ def prefill_request(llm: LLM, req: Request) -> torch.Tensor:
         fresh = [s for s in spans if not bool(reused[s.start : s.end].any())]
         store.publish(ids, req.block_table, opts.namespace, first_reused, fresh)
     return logits
+
+
+def true_kv_error(llm: LLM, seq: SeqInput, reused: torch.Tensor) -> torch.Tensor:
+    """[T] per-token L2 error of the loaded KV against a full prefill, summed over layers and K/V.
+
+    Runs the full prefill (overwriting the request's KV), measures, then puts the loaded KV back.
+    Analysis only (method ``oracle``): it costs a full prefill.
+    """
+    kv = llm.kv
+    pos = torch.nonzero(reused).flatten()
+    slots = kv.slots(seq.block_table, pos.to(kv.k.device))
+    k_loaded, v_loaded = kv.k[:, slots].clone(), kv.v[:, slots].clone()  # [L, R, Hkv, D]
+    llm.runner.forward([seq])
+    err = (kv.k[:, slots].float() - k_loaded.float()).pow(2).sum(dim=(2, 3)).sqrt().sum(0)
+    err += (kv.v[:, slots].float() - v_loaded.float()).pow(2).sum(dim=(2, 3)).sqrt().sum(0)
+    kv.k[:, slots], kv.v[:, slots] = k_loaded, v_loaded
+    out = torch.zeros(reused.numel())
+    out[pos] = err.cpu()
+    return out
 
 
 def _allocate_blocks(llm: LLM, req: Request, lookup: Lookup, n: int) -> None:

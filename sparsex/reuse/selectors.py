@@ -54,10 +54,11 @@ def runs(mask: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, ends, strict=True))
 
 
-def overflow_positions(reused: torch.Tensor, width: int, start: int = 0) -> torch.Tensor:
+def overflow_positions(reused: torch.Tensor, width: int, start: int = 0, before: bool = True) -> torch.Tensor:
     """Reused positions within ``width`` tokens on each side of every non-reused run.
 
     Only positions >= ``start`` count (the exact prefix before it is never recomputed).
+    ``before=False`` keeps only the side after each run.
     """
     t = reused.numel()
     out = torch.zeros(t, dtype=torch.bool, device=reused.device)
@@ -66,7 +67,8 @@ def overflow_positions(reused: torch.Tensor, width: int, start: int = 0) -> torc
     nr = ~reused
     nr[:start] = False
     for a, b in runs(nr):
-        out[max(start, a - width) : a] = True
+        if before:
+            out[max(start, a - width) : a] = True
         out[b : min(t, b + width)] = True
     return torch.nonzero(out & reused).flatten()
 

@@ -19,10 +19,10 @@ REUSE_METHODS = ("none", "prefix", "naive", "epic", "cacheblend", "sparsex")
 def reuse_methods() -> tuple[str, ...]:
     """The reuse methods the engine offers."""
     try:
-        from sparsex.reuse.options import METHODS
+        from sparsex.reuse.options import SERVING_METHODS
     except ImportError:
         return REUSE_METHODS
-    return tuple(METHODS)
+    return tuple(SERVING_METHODS)
 
 
 class APIError(Exception):
