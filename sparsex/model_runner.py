@@ -115,6 +115,10 @@ class PlannedPrefill:
     probe: True: only project Q/K/V at ``select_layer`` (== dense_layers) for every token, writing
         nothing, then run that layer sparsely; False: ``select_layer`` runs (densely or for the
         probe set) and its fresh KV is written before selecting.
+    restore: positions whose KV in dense layers ``1..dense_layers-1`` is put back to what it was
+        before the pass unless they are selected (keeps unselected reused tokens' KV consistent
+        across layers: stale throughout rather than fresh below and stale above). Layer 0 needs no
+        restore: its KV depends on the token and position only.
     """
 
     seq: SeqInput
@@ -123,6 +127,7 @@ class PlannedPrefill:
     select: Selector | None = None
     select_layer: int = 0
     probe: bool = False
+    restore: torch.Tensor | None = None
 
 
 def _planned_forward(runner: ModelRunner, plan: PlannedPrefill) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,6 +158,12 @@ def _planned_forward(runner: ModelRunner, plan: PlannedPrefill) -> tuple[torch.T
 
     num_layers = model.spec.num_layers
     chosen = plan.recompute
+    saved: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    if plan.restore is not None and plan.restore.numel():
+        slots = kv.slots(s.block_table, plan.restore.to(dev))
+        for i in range(1, plan.dense_layers):
+            k_old, v_old = kv.read(i, slots)
+            saved.append((i, k_old.clone(), v_old.clone()))
     if plan.dense_layers > 0 or plan.probe:
         active = torch.arange(start, s.ctx_len, device=dev)
         x = model.embed(tokens)
@@ -161,6 +172,8 @@ def _planned_forward(runner: ModelRunner, plan: PlannedPrefill) -> tuple[torch.T
                 chosen = probe(i, x, active)
             if i == plan.dense_layers:
                 x, active = x[chosen - start], chosen
+                if saved and plan.restore is not None:
+                    _restore(kv, s.block_table, plan.restore, chosen, saved)
             cap = i if plan.select is not None and not plan.probe and i == plan.select_layer else None
             step = context(active, cap)
             x = model.layer_forward(i, x, step)
@@ -177,6 +190,20 @@ def _planned_forward(runner: ModelRunner, plan: PlannedPrefill) -> tuple[torch.T
     for i in range(num_layers):
         x = model.layer_forward(i, x, context(chosen, None))
     return model.compute_logits(x[-1:]).float()[0], chosen
+
+
+def _restore(
+    kv: KVCache, table: list[int], positions: torch.Tensor, chosen: torch.Tensor,
+    saved: list[tuple[int, torch.Tensor, torch.Tensor]],
+) -> None:
+    """Write back the saved KV of ``positions`` that were not ``chosen``."""
+    keep = ~torch.isin(positions, chosen.to(positions.device))
+    if not bool(keep.any()):
+        return
+    slots = kv.slots(table, positions[keep].to(kv.k.device))
+    keep = keep.to(kv.k.device)
+    for i, k_old, v_old in saved:
+        kv.write(i, slots, k_old[keep], v_old[keep])
 
 
 def run_planned(runner: ModelRunner, plan: PlannedPrefill) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from sparsex import LLM, Segment
 
@@ -89,3 +90,36 @@ def test_oracle_restores_the_loaded_kv_and_ranks_by_true_error(warm_llm: LLM) ->
     better, _ = logprobs(warm_llm, "oracle", budget=0.3)
     kl = [float(np.sum(np.exp(ref) * (ref - x))) for x in (naive, better)]
     assert kl[1] < kl[0]
+
+
+def layer_kv_after(
+    llm: LLM, monkeypatch: pytest.MonkeyPatch, method: str, layer: int, **opts: object
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``layer``'s K and V of every prompt position right after a one-token request."""
+    released: list[list[int]] = []
+    release = llm.pool.release
+    monkeypatch.setattr(llm.pool, "release", lambda ids: (released.append(list(ids)), release(ids))[1])
+    req = llm.add_request(reordered_prompt(), reuse={"method": method, "register": False, **opts})
+    req.params.max_tokens, req.params.temperature, req.params.ignore_eos = 1, 0.0, True
+    while not req.finished:
+        llm.step()
+    monkeypatch.undo()
+    n = req.metrics.num_prompt_tokens
+    slots = llm.kv.slots(released[-1], torch.arange(n))  # the request's blocks: freed, nothing ran since
+    return llm.kv.k[layer][slots].clone(), llm.kv.v[layer][slots].clone()
+
+
+def test_blend_restores_unselected_tokens_in_its_dense_layers(warm_llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above layer 0 the dense pass writes fresh KV for every token; unselected reused tokens get
+    their loaded KV back, so each keeps one consistent (stale) KV across layers."""
+    k_naive, v_naive = layer_kv_after(warm_llm, monkeypatch, "naive", 1)
+    k_blend, v_blend = layer_kv_after(warm_llm, monkeypatch, "blend", 1, check_layer=2, budget=0.0,
+                                      blend_overflow=False)
+    _, m = logprobs(warm_llm, "naive")
+    changed = (k_blend - k_naive).abs().amax(dim=(1, 2)) > 0
+    # Only non-reused tokens can differ from naive (those before the first segment do not).
+    assert 0 < int(changed.sum()) <= m["recomputed"]
+    assert torch.equal(v_blend[~changed], v_naive[~changed])
+    # CacheBlend keeps its dense layer-1 KV for every token: most reused tokens differ.
+    k_cb, _ = layer_kv_after(warm_llm, monkeypatch, "cacheblend", 1, check_layer=1, budget=0.0)
+    assert int(((k_cb - k_naive).abs().amax(dim=(1, 2)) > 0).sum()) > m["recomputed"] + m["hits"] // 2

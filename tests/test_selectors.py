@@ -10,6 +10,7 @@ from sparsex.reuse.selectors import (
     kv_deviation_scores,
     overflow_positions,
     runs,
+    segment_start_prior,
     sparse_q_scores,
     tail_positions,
     top_k_reused,
@@ -83,3 +84,11 @@ def test_epic_first_tokens_of_each_segment_and_union() -> None:
     assert epic_positions([(2, 5), (10, 20)], 2).tolist() == [2, 3, 10, 11]
     assert epic_positions([(2, 3)], 4).tolist() == [2]
     assert union(torch.tensor([5, 1]), torch.tensor([1, 3]), torch.tensor([])).tolist() == [1, 3, 5]
+
+
+def test_segment_start_prior_decays_from_each_segment_start() -> None:
+    prior = segment_start_prior([(2, 5), (6, 8)], 9, scale=1.0)
+    assert prior[[0, 1, 5, 8]].tolist() == [0.0, 0.0, 0.0, 0.0]  # outside every segment
+    assert prior[2] == prior[6] == 1.0
+    assert prior[2] > prior[3] > prior[4] > 0
+    assert torch.isclose(prior[3], torch.exp(torch.tensor(-1.0)))

@@ -19,6 +19,7 @@ from sparsex.reuse.selectors import (
     epic_positions,
     kv_deviation_scores,
     overflow_positions,
+    segment_start_prior,
     sparse_q_scores,
     tail_positions,
     top_k_reused,
@@ -69,8 +70,9 @@ def plan_prefill(
     if method == "epic":
         return PlannedPrefill(sit.seq, 0, union(i_nr, epic_positions(sit.segment_runs, opts.epic_tokens)))
     width = opts.overflow_blocks * kv.block_size
+    before = method == "sparsex" if opts.overflow_before is None else opts.overflow_before
     extras = union(
-        overflow_positions(sit.reused, width, start, before=opts.overflow_before),
+        overflow_positions(sit.reused, width, start, before=before),
         tail_positions(sit.reused, sit.segment_runs, opts.tail_tokens),
     )
     read = sit.seq
@@ -111,10 +113,14 @@ def plan_prefill(
                 scores = parts["q"] * parts["v"]
             else:
                 scores = sum(normalized(p, sit.reused) for p in parts.values())  # type: ignore[assignment]
+            if opts.start_weight:
+                prior = segment_start_prior(sit.segment_runs, n).to(scores.device)
+                scores = scores.float() + opts.start_weight * prior
             chosen = top_k_reused(scores, sit.reused, k)
             return union(i_nr, chosen, extras) if opts.blend_overflow else union(i_nr, chosen)
 
-        return PlannedPrefill(read, check, i_nr, select_blend, check, probe=True)
+        reused_pos = torch.nonzero(sit.reused).flatten()
+        return PlannedPrefill(read, check, i_nr, select_blend, check, probe=True, restore=reused_pos)
 
     # sparsex: Sparse-Q scores at ℓ* (hybrid) or at layer 0 from the non-reused queries alone.
     lstar = boundary_layer(opts, layers, spec.family) if opts.hybrid else 0
