@@ -113,12 +113,12 @@ def rotate_into(out: torch.Tensor, k: torch.Tensor, rot: torch.Tensor) -> None:
     precision storage is rotated in float32 and stored back).
     """
     dt = torch.promote_types(k.dtype, torch.float32)
+    cdt = torch.complex64 if dt == torch.float32 else torch.complex128
     if out.dtype != dt:
-        tmp = torch.empty(out.shape, dtype=dt, device=out.device)
-        rotate_into(tmp, k.to(dt), rot)
+        tmp = k.to(dt, copy=True)
+        _as_pairs(tmp).mul_(rot.to(cdt))
         out.copy_(tmp)
         return
-    cdt = torch.complex64 if dt == torch.float32 else torch.complex128
     torch.mul(_as_pairs(k.to(dt)), rot.to(cdt), out=_as_pairs(out))
 
 
