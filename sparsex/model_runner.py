@@ -119,6 +119,10 @@ class PlannedPrefill:
         before the pass unless they are selected (keeps unselected reused tokens' KV consistent
         across layers: stale throughout rather than fresh below and stale above). Layer 0 needs no
         restore: its KV depends on the token and position only.
+    narrow: a second selection (``probe`` plans only): after layer ``narrow_layer`` (> dense_layers)
+        has run for the first selection, returns the subset that runs the remaining layers. With
+        ``restore``, the dropped tokens' KV in layers ``1..narrow_layer`` is put back.
+    num_candidates: set by the runner: how many positions ran layers ``dense_layers..narrow_layer``.
     """
 
     seq: SeqInput
@@ -128,6 +132,9 @@ class PlannedPrefill:
     select_layer: int = 0
     probe: bool = False
     restore: torch.Tensor | None = None
+    narrow: Selector | None = None
+    narrow_layer: int = 0
+    num_candidates: int = 0
 
 
 def _planned_forward(runner: ModelRunner, plan: PlannedPrefill) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,9 +166,10 @@ def _planned_forward(runner: ModelRunner, plan: PlannedPrefill) -> tuple[torch.T
     num_layers = model.spec.num_layers
     chosen = plan.recompute
     saved: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    narrowing = plan.narrow is not None and plan.probe and plan.narrow_layer > plan.dense_layers
     if plan.restore is not None and plan.restore.numel():
         slots = kv.slots(s.block_table, plan.restore.to(dev))
-        for i in range(1, plan.dense_layers):
+        for i in range(1, plan.narrow_layer + 1 if narrowing else plan.dense_layers):
             k_old, v_old = kv.read(i, slots)
             saved.append((i, k_old.clone(), v_old.clone()))
     if plan.dense_layers > 0 or plan.probe:
@@ -172,13 +180,25 @@ def _planned_forward(runner: ModelRunner, plan: PlannedPrefill) -> tuple[torch.T
                 chosen = probe(i, x, active)
             if i == plan.dense_layers:
                 x, active = x[chosen - start], chosen
-                if saved and plan.restore is not None:
+                plan.num_candidates = int(chosen.numel())
+                if saved and plan.restore is not None and not narrowing:
                     _restore(kv, s.block_table, plan.restore, chosen, saved)
-            cap = i if plan.select is not None and not plan.probe and i == plan.select_layer else None
+            narrow_here = narrowing and i == plan.narrow_layer
+            select_here = plan.select is not None and not plan.probe and i == plan.select_layer
+            cap = i if select_here or narrow_here else None
             step = context(active, cap)
             x = model.layer_forward(i, x, step)
-            if cap is not None:
+            if select_here:
                 chosen = captured(i, step)
+            elif narrow_here:
+                assert plan.narrow is not None
+                q, kc, vc = step.captured[i][0]
+                kf, vf = kv.read(i, read)
+                final = plan.narrow(SelectionInputs(i, active, q, kc, vc, kf, vf)).to(dev)
+                keep = torch.isin(active, final)
+                x, active = x[keep], active[keep]
+                if saved and plan.restore is not None:
+                    _restore(kv, s.block_table, plan.restore, active, saved)
         return model.compute_logits(x[-1:]).float()[0], active
     if plan.select is not None:  # run the select layer for the initial set only, then choose
         x = model.embed(tokens[chosen - start])

@@ -46,6 +46,7 @@ def logprobs(llm: LLM, method: str, **opts: object) -> tuple[np.ndarray, dict]:
         ("sparsex", {"budget": 1.0, "hybrid": False}),
         ("cacheblend", {"budget": 1.0}),
         ("blend", {"budget": 1.0}),
+        ("blend", {"budget": 1.0, "narrow_layer": 0}),
         ("epic", {"epic_tokens": 10_000}),
         ("oracle", {"budget": 1.0}),
     ],
@@ -123,3 +124,26 @@ def test_blend_restores_unselected_tokens_in_its_dense_layers(warm_llm: LLM, mon
     # CacheBlend keeps its dense layer-1 KV for every token: most reused tokens differ.
     k_cb, _ = layer_kv_after(warm_llm, monkeypatch, "cacheblend", 1, check_layer=1, budget=0.0)
     assert int(((k_cb - k_naive).abs().amax(dim=(1, 2)) > 0).sum()) > m["recomputed"] + m["hits"] // 2
+
+
+def test_blend_narrowing_keeps_the_budget_and_restores_dropped_candidates(
+    warm_llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two stages: 3x the budget runs layers 1..2, the top budget by layer-2 deviation goes on. The
+    dropped candidates ran layers 1..2 with fresh KV; it is put back, so at those layers only the
+    final set differs from naive."""
+    narrowed = {"budget": 0.1, "narrow_layer": 2, "candidates": 3.0, "blend_overflow": False}
+    _, m_final = logprobs(warm_llm, "blend", **narrowed)
+    _, m_wide = logprobs(warm_llm, "blend", budget=0.3, blend_overflow=False)  # the first stage alone
+    _, m_budget = logprobs(warm_llm, "blend", budget=0.1, blend_overflow=False)
+    assert m_final["recomputed"] == m_budget["recomputed"] < m_wide["recomputed"]
+    for layer in (1, 2):
+        k_naive, v_naive = layer_kv_after(warm_llm, monkeypatch, "naive", layer)
+        k_nar, v_nar = layer_kv_after(warm_llm, monkeypatch, "blend", layer, **narrowed)
+        changed = ((k_nar - k_naive).abs().amax(dim=(1, 2)) > 0) | ((v_nar - v_naive).abs().amax(dim=(1, 2)) > 0)
+        assert 0 < int(changed.sum()) <= m_final["recomputed"], layer
+    # Without the restore the dropped candidates keep their fresh KV: more tokens differ.
+    monkeypatch.setattr("sparsex.model_runner._restore", lambda *a: None)
+    k_kept, _ = layer_kv_after(warm_llm, monkeypatch, "blend", 2, **narrowed)
+    k_naive, _ = layer_kv_after(warm_llm, monkeypatch, "naive", 2)
+    assert int(((k_kept - k_naive).abs().amax(dim=(1, 2)) > 0).sum()) > m_final["recomputed"]

@@ -40,6 +40,11 @@ class ReuseOptions:
     blend_overflow: blend: add the overflow blocks and tail fallback to the selection.
     start_weight: blend: weight of a prior ``exp(-offset / 32)`` on a token's offset in its segment,
         added to the normalized scores (0 = off).
+    narrow_layer: blend: 0 (or <= check_layer) = off; else select in two stages: the probe at ``check_layer`` picks
+        ``candidates`` x the budget, layers ``check_layer..narrow_layer`` run for those candidates
+        only, and the deviation of their fresh K/V at ``narrow_layer`` keeps the budget's top tokens
+        (KV of the dropped candidates is put back).
+    candidates: blend with ``narrow_layer``: size of the first stage, as a multiple of the budget.
     namespace: tenant / cache salt; entries never cross namespaces.
     auto_segments: cut unannotated text into content-defined chunks that can be reused.
     register: publish freshly computed segments and prefix blocks into the cache.
@@ -57,6 +62,8 @@ class ReuseOptions:
     blend_score: str = "kv"
     blend_overflow: bool = True
     start_weight: float = 0.0
+    narrow_layer: int = 3
+    candidates: float = 2.0
     namespace: str = ""
     auto_segments: bool = True
     register: bool = True
@@ -72,7 +79,9 @@ class ReuseOptions:
             raise ValueError(f"boundary layer must be >= 0, got {self.boundary}")
         if self.blend_score not in BLEND_SCORES:
             raise ValueError(f"blend_score must be one of {', '.join(BLEND_SCORES)}, got {self.blend_score!r}")
-        for name in ("overflow_blocks", "tail_tokens", "epic_tokens", "check_layer"):
+        if self.candidates < 1.0:
+            raise ValueError(f"candidates must be >= 1 (a multiple of the budget), got {self.candidates}")
+        for name in ("overflow_blocks", "tail_tokens", "epic_tokens", "check_layer", "narrow_layer"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
 

@@ -116,11 +116,32 @@ def plan_prefill(
             if opts.start_weight:
                 prior = segment_start_prior(sit.segment_runs, n).to(scores.device)
                 scores = scores.float() + opts.start_weight * prior
-            chosen = top_k_reused(scores, sit.reused, k)
+            chosen = top_k_reused(scores, sit.reused, first_k)
+            return union(i_nr, chosen, extras) if opts.blend_overflow else union(i_nr, chosen)
+
+        narrow_at = min(opts.narrow_layer, layers - 1)
+        narrow = narrow_at > check
+        first_k = min(num_reused, int(round(opts.candidates * k))) if narrow else k
+
+        def narrow_blend(inp: SelectionInputs) -> torch.Tensor:
+            """Second stage: the budget's top candidates by K+V deviation at ``narrow_layer``."""
+            dev = inp.k_fresh.device
+            pool = torch.zeros(n, dtype=torch.bool, device=dev)
+            pool[inp.positions] = True
+            pool &= sit.reused.to(dev)
+            pool[extras.to(dev)] = False  # the overflow and tail stay selected
+            scores = sum(
+                normalized(kv_deviation_scores(f, c), pool)
+                for f, c in ((inp.k_fresh, inp.k_cached), (inp.v_fresh, inp.v_cached))
+            )
+            chosen = top_k_reused(scores, pool, k)  # type: ignore[arg-type]
             return union(i_nr, chosen, extras) if opts.blend_overflow else union(i_nr, chosen)
 
         reused_pos = torch.nonzero(sit.reused).flatten()
-        return PlannedPrefill(read, check, i_nr, select_blend, check, probe=True, restore=reused_pos)
+        return PlannedPrefill(
+            read, check, i_nr, select_blend, check, probe=True, restore=reused_pos,
+            narrow=narrow_blend if narrow else None, narrow_layer=narrow_at,
+        )
 
     # sparsex: Sparse-Q scores at ℓ* (hybrid) or at layer 0 from the non-reused queries alone.
     lstar = boundary_layer(opts, layers, spec.family) if opts.hybrid else 0
@@ -146,6 +167,8 @@ def compute_fraction(plan: PlannedPrefill, num_layers: int, prompt_len: int, rec
     """
     run = len(plan.seq.token_ids)
     work: float = plan.dense_layers * run + (num_layers - plan.dense_layers) * recomputed
+    if plan.narrow is not None and plan.num_candidates:  # the candidates ran dense_layers..narrow_layer
+        work += (plan.narrow_layer + 1 - plan.dense_layers) * (plan.num_candidates - recomputed)
     if plan.probe:
         work += 0.25 * run
     elif plan.dense_layers == 0 and plan.select is not None:
