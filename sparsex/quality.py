@@ -150,3 +150,48 @@ def summarize(results: list[RunResult]) -> list[dict[str, Any]]:
 
 def as_dicts(results: list[RunResult]) -> list[dict[str, Any]]:
     return [asdict(r) for r in results]
+
+
+def layer_kv_effect(
+    llm: LLM, item: WorkItem, layer_sets: dict[str, list[int]], namespace: str
+) -> dict[str, float]:
+    """Which layers' KV errors matter for the first token: KL against full prefill per ``layer_sets``.
+
+    Runs the item's warm-up, then the prompt with ``none`` (the true KV of every position) and with
+    ``naive`` (cached KV at reused positions). For each named set of layers, the naive KV is given
+    the true KV in those layers only and the last prompt token is run again over it; the result is
+    KL(full prefill || that mix). An empty set gives naive's KL (up to the last token's own KV);
+    every layer gives 0. Analysis only: it costs a full prefill per item.
+    """
+    from sparsex.model_runner import SeqInput
+
+    for warm in item.warmup:
+        _run(llm, warm, {"method": "none", "namespace": namespace}, 1)
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    kv, out = llm.kv, {}
+    captured = []
+    for method in ("none", "naive"):
+        req = llm.add_request(item.prompt, params, reuse={"method": method, "register": False, "namespace": namespace})
+        llm.step()  # the prefill: the request now holds the prompt's KV
+        n = req.metrics.num_prompt_tokens
+        slots = kv.slots(req.block_table, torch.arange(n, device=kv.k.device))
+        captured.append((kv.k[:, slots].clone(), kv.v[:, slots].clone()))
+        if method == "none":
+            llm.abort(req)
+    (k_true, v_true), (k_naive, v_naive) = captured
+    last = SeqInput([req.prompt_token_ids[-1]], [n - 1], req.block_table, n)
+    try:
+        def last_logprobs(layers: list[int]) -> torch.Tensor:
+            k, v = k_naive.clone(), v_naive.clone()
+            if layers:
+                k[layers], v[layers] = k_true[layers], v_true[layers]
+            kv.k[:, slots], kv.v[:, slots] = k, v
+            return torch.log_softmax(llm.runner.forward([last])[0].float(), dim=-1)
+
+        ref = last_logprobs(list(range(llm.spec.num_layers)))
+        for name, layers in layer_sets.items():
+            lp = last_logprobs(layers)
+            out[name] = float(torch.sum(ref.exp() * (ref - lp)).clamp_min(0.0))
+    finally:
+        llm.abort(req)
+    return out

@@ -1,0 +1,50 @@
+"""The quality harness on a tiny model: the reference scores perfectly, naive does not, and the
+per-layer analysis brackets naive and full prefill."""
+
+from __future__ import annotations
+
+import pytest
+
+from sparsex import LLM
+from sparsex.bench.layers import layer_sets
+from sparsex.quality import evaluate_item, layer_kv_effect, parse_method, summarize
+from sparsex.workloads import make_workload
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir) -> LLM:
+    return LLM(model=str(tiny_model_dir("llama")), kv_cache_memory=32 << 20)
+
+
+def test_parse_method_reads_typed_options() -> None:
+    spec = parse_method("blend:narrow_layer=0,candidates=2.5,blend_overflow=false,blend_score=kv", budget=0.3)
+    assert spec.reuse == {"method": "blend", "budget": 0.3, "narrow_layer": 0, "candidates": 2.5,
+                          "blend_overflow": False, "blend_score": "kv"}
+
+
+def test_reference_scores_perfectly_and_naive_leaves_a_gap(llm: LLM) -> None:
+    items = make_workload("rag", 2, seed=3, doc_tokens=40, num_docs=4, style="chatml")
+    methods = [parse_method(m) for m in ("naive", "none", "blend:budget=1.0")]
+    results = [r for i, item in enumerate(items)
+               for r in evaluate_item(llm, item, methods, namespace=f"q{i}", continuation=4)]
+    assert {r.method for r in results} == {"none", "naive", "blend:budget=1.0"}
+    rows = {row["method"]: row for row in summarize(results)}
+    assert rows["naive"]["kl"] > 1e-6 and rows["naive"]["gap_closed"] == 0.0
+    assert all(r.segment_hit_fraction > 0.5 for r in results if r.method == "naive")
+    for exact in ("none", "blend:budget=1.0"):  # a full recompute is the reference again
+        assert rows[exact]["kl"] <= 1e-6 and rows[exact]["gap_closed"] == pytest.approx(1.0, abs=1e-4)
+        assert rows[exact]["top1"] == 1.0 and rows[exact]["match32"] == 4
+
+
+def test_layer_analysis_brackets_naive_and_full_prefill(llm: LLM) -> None:
+    item = make_workload("agents", 1, seed=5, doc_tokens=40, style="chatml")[0]
+    naive = [r for r in evaluate_item(llm, item, [parse_method("naive")], namespace="la", continuation=1)
+             if r.method == "naive"][0]
+    sets = layer_sets(llm.spec.num_layers, cuts=[1, 2], width=1)
+    assert set(sets) == {"none", "all", "<1", ">=1", "<2", ">=2", "[0,1)", "[1,2)", "[2,3)"}
+    kl = layer_kv_effect(llm, item, sets, namespace="la")
+    assert kl["all"] <= 1e-7
+    assert naive.kl > 1e-6
+    assert kl["none"] == pytest.approx(naive.kl, rel=1e-3)  # the mix with no true layer is naive
+    assert kl[">=1"] < kl["none"]
+    assert llm.pool.num_free_blocks == llm.pool.num_blocks  # both requests gave their blocks back
