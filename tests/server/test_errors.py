@@ -90,6 +90,9 @@ def test_bad_completion_prompts(http: Any, model: str, llm: Any) -> None:
 def test_unknown_reuse_method(http: Any, client: openai.OpenAI, model: str) -> None:
     r = http.post("/v1/chat/completions", json=chat(model, sparsex={"reuse": "magic"}))
     assert_error(r, 400, param="sparsex.reuse", code="invalid_reuse")
+    # The evaluation-only oracle (a full prefill per request) is not served.
+    r = http.post("/v1/chat/completions", json=chat(model, sparsex={"reuse": "oracle"}))
+    assert_error(r, 400, param="sparsex.reuse", code="invalid_reuse")
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=model, prompt="x", max_tokens=1, extra_body={"sparsex": {"reuse": "x"}})
 
