@@ -48,6 +48,10 @@ class ReuseOptions:
     namespace: tenant / cache salt; entries never cross namespaces.
     auto_segments: cut unannotated text into content-defined chunks that can be reused.
     register: publish freshly computed segments and prefix blocks into the cache.
+    register_after_reuse: also publish fresh segments that come after a reused token. Their own
+        tokens ran through every layer, but over approximate (reused) KV, so their KV is not exact;
+        off by default so that approximation never compounds (SPEC: only KV computed fresh is
+        registered). Segments before the first reused token are always published.
     """
 
     method: str = "blend"
@@ -67,6 +71,7 @@ class ReuseOptions:
     namespace: str = ""
     auto_segments: bool = True
     register: bool = True
+    register_after_reuse: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

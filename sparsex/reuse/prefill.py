@@ -61,7 +61,10 @@ def prefill_request(llm: LLM, req: Request) -> torch.Tensor:
 
     if opts.register:
         first_reused = min((a for a, _ in runs), default=n)
-        fresh = [s for s in spans if not bool(reused[s.start : s.end].any())]
+        fresh = [
+            s for s in spans
+            if not bool(reused[s.start : s.end].any()) and (s.end <= first_reused or opts.register_after_reuse)
+        ]
         store.publish(ids, req.block_table, opts.namespace, first_reused, fresh)
     return logits
 
