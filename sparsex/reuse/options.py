@@ -45,6 +45,7 @@ class ReuseOptions:
         only, and the deviation of their fresh K/V at ``narrow_layer`` keeps the budget's top tokens
         (KV of the dropped candidates is put back).
     candidates: blend with ``narrow_layer``: size of the first stage, as a multiple of the budget.
+    narrow_score: blend with ``narrow_layer``: the signals of the second stage (as ``blend_score``).
     namespace: tenant / cache salt; entries never cross namespaces.
     auto_segments: cut unannotated text into content-defined chunks that can be reused.
     register: publish freshly computed segments and prefix blocks into the cache.
@@ -67,7 +68,8 @@ class ReuseOptions:
     blend_overflow: bool = True
     start_weight: float = 0.0
     narrow_layer: int = 3
-    candidates: float = 2.0
+    candidates: float = 3.0
+    narrow_score: str = "kvq"
     namespace: str = ""
     auto_segments: bool = True
     register: bool = True
@@ -82,8 +84,9 @@ class ReuseOptions:
             raise ValueError(f"a fractional boundary must be in [0, 1), got {self.boundary}")
         if isinstance(self.boundary, int) and not isinstance(self.boundary, bool) and self.boundary < 0:
             raise ValueError(f"boundary layer must be >= 0, got {self.boundary}")
-        if self.blend_score not in BLEND_SCORES:
-            raise ValueError(f"blend_score must be one of {', '.join(BLEND_SCORES)}, got {self.blend_score!r}")
+        for name in ("blend_score", "narrow_score"):
+            if getattr(self, name) not in BLEND_SCORES:
+                raise ValueError(f"{name} must be one of {', '.join(BLEND_SCORES)}, got {getattr(self, name)!r}")
         if self.candidates < 1.0:
             raise ValueError(f"candidates must be >= 1 (a multiple of the budget), got {self.candidates}")
         for name in ("overflow_blocks", "tail_tokens", "epic_tokens", "check_layer", "narrow_layer"):

@@ -103,16 +103,18 @@ def plan_prefill(
         # so tokens that are not selected keep consistent (all-layers) cached KV.
         check = max(1, min(opts.check_layer, layers - 1))
 
-        def select_blend(inp: SelectionInputs) -> torch.Tensor:
+        def blend_scores(inp: SelectionInputs, kind: str, among: torch.Tensor) -> torch.Tensor:
             parts = {"k": kv_deviation_scores(inp.k_fresh, inp.k_cached)}
-            if "v" in opts.blend_score or opts.blend_score == "impact":
+            if "v" in kind or kind == "impact":
                 parts["v"] = kv_deviation_scores(inp.v_fresh, inp.v_cached)
-            if "q" in opts.blend_score or opts.blend_score == "impact":
-                parts["q"] = query_mass(inp)
-            if opts.blend_score == "impact":  # first-order effect of a stale value on the new queries
-                scores = parts["q"] * parts["v"]
-            else:
-                scores = sum(normalized(p, sit.reused) for p in parts.values())  # type: ignore[assignment]
+            if "q" in kind or kind == "impact":
+                parts["q"] = query_mass(inp).to(parts["k"].device)
+            if kind == "impact":  # first-order effect of a stale value on the new queries
+                return parts["q"] * parts["v"]
+            return sum(normalized(p, among) for p in parts.values())  # type: ignore[return-value]
+
+        def select_blend(inp: SelectionInputs) -> torch.Tensor:
+            scores = blend_scores(inp, opts.blend_score, sit.reused.to(inp.k_fresh.device))
             if opts.start_weight:
                 prior = segment_start_prior(sit.segment_runs, n).to(scores.device)
                 scores = scores.float() + opts.start_weight * prior
@@ -124,17 +126,13 @@ def plan_prefill(
         first_k = min(num_reused, int(round(opts.candidates * k))) if narrow else k
 
         def narrow_blend(inp: SelectionInputs) -> torch.Tensor:
-            """Second stage: the budget's top candidates by K+V deviation at ``narrow_layer``."""
+            """Second stage: the budget's top candidates by ``narrow_score`` at ``narrow_layer``."""
             dev = inp.k_fresh.device
             pool = torch.zeros(n, dtype=torch.bool, device=dev)
             pool[inp.positions] = True
             pool &= sit.reused.to(dev)
             pool[extras.to(dev)] = False  # the overflow and tail stay selected
-            scores = sum(
-                normalized(kv_deviation_scores(f, c), pool)
-                for f, c in ((inp.k_fresh, inp.k_cached), (inp.v_fresh, inp.v_cached))
-            )
-            chosen = top_k_reused(scores, pool, k)  # type: ignore[arg-type]
+            chosen = top_k_reused(blend_scores(inp, opts.narrow_score, pool), pool, k)
             return union(i_nr, chosen, extras) if opts.blend_overflow else union(i_nr, chosen)
 
         reused_pos = torch.nonzero(sit.reused).flatten()
