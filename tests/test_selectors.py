@@ -14,6 +14,7 @@ from sparsex.reuse.selectors import (
     sparse_q_scores,
     tail_positions,
     top_k_reused,
+    top_segments,
     union,
 )
 
@@ -92,3 +93,14 @@ def test_segment_start_prior_decays_from_each_segment_start() -> None:
     assert prior[2] == prior[6] == 1.0
     assert prior[2] > prior[3] > prior[4] > 0
     assert torch.isclose(prior[3], torch.exp(torch.tensor(-1.0)))
+
+
+def test_top_segments_takes_whole_segments_by_mean_score() -> None:
+    scores = torch.tensor([0.0, 5, 1, 1, 1, 0, 9, 0, 0, 0, 2, 2, 2, 2])
+    runs = [(1, 5), (5, 10), (10, 14)]  # means 2.0, 1.8, 2.0
+    # k = 8: the first segment (mean 2.0, earlier of the tie), then the third; exactly 8 positions.
+    assert top_segments(scores, runs, 8).tolist() == [1, 2, 3, 4, 10, 11, 12, 13]
+    # k = 6: the crossing segment gives its best positions only (ties toward the earlier position).
+    assert top_segments(scores, runs, 6).tolist() == [1, 2, 3, 4, 10, 11]
+    assert top_segments(scores, runs, 0).numel() == 0
+    assert top_segments(scores, [], 5).numel() == 0

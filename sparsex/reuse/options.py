@@ -46,6 +46,8 @@ class ReuseOptions:
         (KV of the dropped candidates is put back).
     candidates: blend with ``narrow_layer``: size of the first stage, as a multiple of the budget.
     narrow_score: blend with ``narrow_layer``: the signals of the second stage (as ``blend_score``).
+    select_unit: blend (first stage) and oracle: "token" = top-k positions; "segment" = whole reused
+        segments by mean score until the budget is spent (experimental, see docs/BENCHMARKS.md).
     namespace: tenant / cache salt; entries never cross namespaces.
     auto_segments: cut unannotated text into content-defined chunks that can be reused.
     register: publish freshly computed segments and prefix blocks into the cache.
@@ -70,6 +72,7 @@ class ReuseOptions:
     narrow_layer: int = 3
     candidates: float = 3.0
     narrow_score: str = "kvq"
+    select_unit: str = "token"
     namespace: str = ""
     auto_segments: bool = True
     register: bool = True
@@ -87,6 +90,8 @@ class ReuseOptions:
         for name in ("blend_score", "narrow_score"):
             if getattr(self, name) not in BLEND_SCORES:
                 raise ValueError(f"{name} must be one of {', '.join(BLEND_SCORES)}, got {getattr(self, name)!r}")
+        if self.select_unit not in ("token", "segment"):
+            raise ValueError(f"select_unit must be 'token' or 'segment', got {self.select_unit!r}")
         if self.candidates < 1.0:
             raise ValueError(f"candidates must be >= 1 (a multiple of the budget), got {self.candidates}")
         for name in ("overflow_blocks", "tail_tokens", "epic_tokens", "check_layer", "narrow_layer"):

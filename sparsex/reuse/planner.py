@@ -23,6 +23,7 @@ from sparsex.reuse.selectors import (
     sparse_q_scores,
     tail_positions,
     top_k_reused,
+    top_segments,
     union,
 )
 
@@ -66,6 +67,8 @@ def plan_prefill(
     if method == "oracle":
         if sit.true_error is None:
             raise ValueError("method 'oracle' needs the true KV error (prefill_request measures it)")
+        if opts.select_unit == "segment":
+            return PlannedPrefill(sit.seq, 0, union(i_nr, top_segments(sit.true_error, sit.segment_runs, k)))
         return PlannedPrefill(sit.seq, 0, union(i_nr, top_k_reused(sit.true_error, sit.reused, k)))
     if method == "epic":
         return PlannedPrefill(sit.seq, 0, union(i_nr, epic_positions(sit.segment_runs, opts.epic_tokens)))
@@ -118,7 +121,10 @@ def plan_prefill(
             if opts.start_weight:
                 prior = segment_start_prior(sit.segment_runs, n).to(scores.device)
                 scores = scores.float() + opts.start_weight * prior
-            chosen = top_k_reused(scores, sit.reused, first_k)
+            if opts.select_unit == "segment":
+                chosen = top_segments(scores.cpu(), sit.segment_runs, first_k)
+            else:
+                chosen = top_k_reused(scores, sit.reused, first_k)
             return union(i_nr, chosen, extras) if opts.blend_overflow else union(i_nr, chosen)
 
         narrow_at = min(opts.narrow_layer, layers - 1)

@@ -25,6 +25,31 @@ def top_k_reused(scores: torch.Tensor, reused: torch.Tensor, k: int) -> torch.Te
     return torch.sort(cand[order]).values
 
 
+def top_segments(scores: torch.Tensor, segment_runs: list[tuple[int, int]], k: int) -> torch.Tensor:
+    """Whole reused segments, highest mean score first, until ``k`` positions are taken.
+
+    The segment that crosses ``k`` contributes its ``k - taken`` highest-scoring positions.
+    Ties break toward the earlier segment. Returns positions ascending.
+    """
+    if k <= 0 or not segment_runs:
+        return torch.zeros(0, dtype=torch.int64)
+    means = torch.stack([scores[a:b].float().mean() for a, b in segment_runs])
+    order = torch.argsort(-means, stable=True).tolist()
+    out, taken = [], 0
+    for i in order:
+        a, b = segment_runs[i]
+        if taken + (b - a) <= k:
+            out.append(torch.arange(a, b))
+            taken += b - a
+        else:
+            best = torch.argsort(-scores[a:b].float(), stable=True)[: k - taken]
+            out.append(a + best)
+            taken = k
+        if taken >= k:
+            break
+    return torch.sort(torch.cat(out)).values
+
+
 def sparse_q_scores(probs: torch.Tensor, length: int) -> torch.Tensor:
     """SparseX importance: attention of the non-reused queries, summed over queries and heads.
 
