@@ -40,10 +40,10 @@ class ReuseOptions:
     blend_overflow: blend: add the overflow blocks and tail fallback to the selection.
     start_weight: blend: weight of a prior ``exp(-offset / 32)`` on a token's offset in its segment,
         added to the normalized scores (0 = off).
-    narrow_layer: blend: 0 (or <= check_layer) = off; else select in two stages: the probe at ``check_layer`` picks
-        ``candidates`` x the budget, layers ``check_layer..narrow_layer`` run for those candidates
-        only, and the deviation of their fresh K/V at ``narrow_layer`` keeps the budget's top tokens
-        (KV of the dropped candidates is put back).
+    narrow_layer: blend: 0 (or <= check_layer) = off; else select in two stages: the probe at
+        ``check_layer`` picks ``candidates`` x the budget, layers ``check_layer..narrow_layer`` run
+        for those candidates only, and ``narrow_score`` at ``narrow_layer`` keeps the budget's top
+        tokens (KV of the dropped candidates is put back).
     candidates: blend with ``narrow_layer``: size of the first stage, as a multiple of the budget.
     narrow_score: blend with ``narrow_layer``: the signals of the second stage (as ``blend_score``).
     select_unit: blend (first stage) and oracle: "token" = top-k positions; "segment" = whole reused

@@ -60,6 +60,13 @@ def plan_prefill(
     num_reused = int(sit.reused.sum())
     k = int(round(opts.budget * num_reused))
     method = opts.method
+
+    def top_reused(scores: torch.Tensor, count: int) -> torch.Tensor:
+        """The first selection: ``count`` reused positions, as tokens or whole segments (``select_unit``)."""
+        if opts.select_unit == "segment":
+            return top_segments(scores.cpu(), sit.segment_runs, count)
+        return top_k_reused(scores, sit.reused, count)
+
     if method in ("none", "prefix") or num_reused == 0:
         return PlannedPrefill(sit.seq, dense_layers=layers, recompute=torch.arange(start, n))
     if method == "naive":
@@ -67,9 +74,7 @@ def plan_prefill(
     if method == "oracle":
         if sit.true_error is None:
             raise ValueError("method 'oracle' needs the true KV error (prefill_request measures it)")
-        if opts.select_unit == "segment":
-            return PlannedPrefill(sit.seq, 0, union(i_nr, top_segments(sit.true_error, sit.segment_runs, k)))
-        return PlannedPrefill(sit.seq, 0, union(i_nr, top_k_reused(sit.true_error, sit.reused, k)))
+        return PlannedPrefill(sit.seq, 0, union(i_nr, top_reused(sit.true_error, k)))
     if method == "epic":
         return PlannedPrefill(sit.seq, 0, union(i_nr, epic_positions(sit.segment_runs, opts.epic_tokens)))
     width = opts.overflow_blocks * kv.block_size
@@ -121,10 +126,7 @@ def plan_prefill(
             if opts.start_weight:
                 prior = segment_start_prior(sit.segment_runs, n).to(scores.device)
                 scores = scores.float() + opts.start_weight * prior
-            if opts.select_unit == "segment":
-                chosen = top_segments(scores.cpu(), sit.segment_runs, first_k)
-            else:
-                chosen = top_k_reused(scores, sit.reused, first_k)
+            chosen = top_reused(scores, first_k)
             return union(i_nr, chosen, extras) if opts.blend_overflow else union(i_nr, chosen)
 
         narrow_at = min(opts.narrow_layer, layers - 1)
