@@ -44,6 +44,48 @@ def rag_prompt(llm: Any, num_docs: int, doc_tokens: int, seed: int) -> tuple[lis
     return prompt, docs
 
 
+def load_breakdown(llm: Any, prompt: list[Any], namespace: str, repeats: int) -> dict[str, float]:
+    """Median seconds of the parts of ``naive``'s lookup + alignment on ``prompt``, and the floor.
+
+    lookup: segment index lookup with token verification; load: copying every hit's V and rotating
+    its K into fresh request blocks; copy_floor: a plain copy of the same number of K and V rows
+    into a preallocated buffer (the memory traffic any owned copy costs, with no rotation).
+    """
+    import time
+
+    import torch
+
+    from sparsex import SamplingParams
+    from sparsex.reuse.store import auto_spans
+
+    req = llm.add_request(prompt, SamplingParams(max_tokens=1), reuse={"method": "naive", "namespace": namespace})
+    llm.abort(req)  # only its tokens and spans are needed
+    ids, n = req.prompt_token_ids, len(req.prompt_token_ids)
+    spans = list(req.spans) + auto_spans(n, ids, list(req.spans), namespace)
+    store, kv, pool = llm.store, llm.kv, llm.pool
+    parts: dict[str, list[float]] = {"lookup": [], "load": [], "copy_floor": []}
+    for _ in range(repeats + 1):  # the first round warms up and is dropped
+        t0 = time.perf_counter()
+        found = store.lookup(ids, spans, namespace, prefix=True, segments=True)
+        t1 = time.perf_counter()
+        table = list(found.prefix_blocks) + pool.allocate(-(-n // pool.block_size) - len(found.prefix_blocks))
+        try:
+            t2 = time.perf_counter()
+            loaded = store.load(found, table)  # releases the hits' source blocks
+            t3 = time.perf_counter()
+        finally:
+            pool.release(table)
+        rows = int(loaded.numel())
+        k_buf, v_buf = torch.empty_like(kv.k[:, :rows]), torch.empty_like(kv.v[:, :rows])
+        t4 = time.perf_counter()
+        k_buf.copy_(kv.k[:, :rows])
+        v_buf.copy_(kv.v[:, :rows])
+        t5 = time.perf_counter()
+        for name, dt in (("lookup", t1 - t0), ("load", t3 - t2), ("copy_floor", t5 - t4)):
+            parts[name].append(dt)
+    return {name: statistics.median(v[1:]) for name, v in parts.items()} | {"rows": float(rows)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="sparsex bench reuse", description=__doc__)
     ap.add_argument("--model", default=None)
@@ -53,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budget", type=float, default=0.15)
     ap.add_argument("--methods", default="", help="comma-separated subset of the rows (default: all), e.g. none,naive")
+    ap.add_argument("--kv-dtype", default="float32", help="KV storage dtype (float32, bfloat16, float16)")
     ap.add_argument("--out", default="out/bench_reuse.json")
     ap.add_argument("--plot", default="out/ttft_vs_length.png")
     args = ap.parse_args(argv)
@@ -64,10 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown methods {sorted(unknown)}; rows are: {', '.join(label for label, _ in METHODS)}")
     methods = [(label, opts) for label, opts in METHODS if not wanted or label in wanted or label == "none"]
-    llm = LLM(model=args.model)
+    llm = LLM(model=args.model, kv_dtype=args.kv_dtype)
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     sizes = [args.docs * args.doc_tokens] + [int(x) for x in args.lengths.split(",") if x]
     all_rows: dict[int, list[dict[str, Any]]] = {}
+    breakdown: dict[str, float] = {}
     for total in sizes:
         prompt, docs = rag_prompt(llm, args.docs, total // args.docs, seed=total)
         llm.cache_segments(docs, namespace=f"bench-{total}")
@@ -93,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                 "prompt_tokens": m.num_prompt_tokens,
             })
         all_rows[total] = rows
+        if total == sizes[0]:
+            parts = load_breakdown(llm, prompt, f"bench-{total}", args.repeats)
+            breakdown = {**parts, "naive_ttft_s": statistics.median(times["naive"])} if "naive" in times else parts
         print(f"\nRAG prompt: {rows[0]['prompt_tokens']} tokens, {args.docs} cached documents, "
               f"budget {args.budget}, median of {args.repeats}")
         print_table(
@@ -100,8 +147,16 @@ def main(argv: list[str] | None = None) -> int:
             [[r["method"], r["ttft_s"], f"{r['speedup']:.1f}x", r["cost"], r["reused"], r["recomputed"],
               r["overhead_s"], f"{100 * r['overhead_share']:.1f}%"] for r in rows],
         )
+        if total == sizes[0]:
+            ms = {k: f"{1e3 * breakdown[k]:.1f} ms" for k in ("lookup", "load", "copy_floor")}
+            if "naive_ttft_s" in breakdown:
+                for k in ms:
+                    ms[k] += f" ({100 * breakdown[k] / breakdown['naive_ttft_s']:.1f}% of naive TTFT)"
+            print(f"naive's lookup + alignment, median of {args.repeats} ({int(breakdown['rows'])} reused tokens, "
+                  f"KV {args.kv_dtype}): lookup {ms['lookup']}; load = V copy + K rotation {ms['load']}; "
+                  f"a plain copy of the same K and V {ms['copy_floor']}")
     write_json(args.out, {"machine": machine(), "model": llm.model_name, "args": vars(args),
-                          "results": {str(k): v for k, v in all_rows.items()}})
+                          "results": {str(k): v for k, v in all_rows.items()}, "load_breakdown": breakdown})
     if len(sizes) > 1 and args.plot:
         _plot(all_rows, [label for label, _ in methods], args.plot)
     return 0
