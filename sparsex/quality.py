@@ -195,3 +195,103 @@ def layer_kv_effect(
     finally:
         llm.abort(req)
     return out
+
+
+def late_start_effect(
+    llm: LLM, item: WorkItem, starts: list[int], namespace: str
+) -> dict[str, tuple[float, float]]:
+    """Would a cache of per-token hidden states make repair cheaper? KL against full prefill and cost.
+
+    Runs the item's warm-up with ``none``, recording every token's input to each layer in ``starts``
+    (what such a cache would hold), then ``naive`` and ``blend``. Then, over naive's KV, the
+    non-reused tokens run every layer while a recompute set joins only at layer ``m``, from the
+    hidden state recorded when its segment was cached, instead of running from layer 0:
+    ``blend_R@m`` uses the set ``blend`` chose (``blend_R@0`` is that set with no selection cost),
+    ``all@m`` every reused token. Returns ``name -> (kl, cost)``, cost as the fraction of a full
+    prefill's token-layers. Analysis only: it costs a full prefill per item.
+    """
+    from sparsex.models.base import SeqSlice, StepContext
+    from sparsex.reuse.store import auto_spans
+
+    model, kv, num_layers, bs = llm.runner.model, llm.kv, llm.spec.num_layers, llm.pool.block_size
+    if any(not 0 <= m < num_layers for m in starts):
+        raise ValueError(f"start layers must be in [0, {num_layers})")
+    warm_states = [_layer_inputs(llm, warm, starts, namespace) for warm in item.warmup]
+    ref, _ = _run(llm, item.prompt, {"method": "none", "register": False, "namespace": namespace}, 1)
+
+    def kl(lp: torch.Tensor) -> float:
+        return float(torch.sum(ref.exp() * (ref - lp)).clamp_min(0.0))
+
+    out: dict[str, tuple[float, float]] = {}
+    for method in ("naive", "blend"):
+        lp, req = _run(llm, item.prompt, {"method": method, "register": False, "namespace": namespace}, 1)
+        out[method] = (kl(lp), req.metrics.compute_fraction)
+    chosen = req.recomputed_positions  # blend's, the last run
+    ids, n = req.prompt_token_ids, len(req.prompt_token_ids)
+    spans = list(req.spans) + auto_spans(n, ids, list(req.spans), namespace)
+    found = llm.store.lookup(ids, spans, namespace, prefix=False, segments=True)
+    cached = {m: torch.zeros(n, llm.spec.hidden_size) for m in starts}  # each reused token's recorded input
+    for h in found.hits:
+        j = torch.arange(h.num_tokens)
+        orig = torch.tensor(h.src_positions)[j // bs] + j % bs
+        toks, o = ids[h.span.start : h.span.start + h.num_tokens], int(orig[0])
+        # The first warm-up holding the segment at that position computed (and registered) it.
+        src = next(states for w_ids, states in warm_states if w_ids[o : o + len(toks)] == toks)
+        for m in starts:
+            cached[m][h.span.start : h.span.start + h.num_tokens] = src[m][orig]
+    table = llm.pool.allocate(-(-n // bs))
+    try:
+        reused = torch.zeros(n, dtype=torch.bool)
+        reused[llm.store.load(found, table)] = True
+        dev = kv.k.device
+        slots, read = kv.slots(table, torch.arange(n, device=dev)), kv.reader(table, n, dev)
+        k_naive, v_naive = kv.k[:, slots].clone(), kv.v[:, slots].clone()
+        fresh, tokens = (~reused).nonzero().flatten(), torch.tensor(ids)
+
+        def run(late: torch.Tensor, m: int) -> tuple[float, float]:
+            kv.k[:, slots], kv.v[:, slots] = k_naive, v_naive
+            active, x = fresh, model.embed(tokens[fresh].to(dev))
+            for i in range(num_layers):
+                if i == m:
+                    order = torch.cat([active, late]).sort()
+                    x = torch.cat([x, cached[m][late].to(x)])[order.indices]
+                    active = order.values
+                sl = SeqSlice(0, active.numel(), active.to(dev), kv.slots(table, active.to(dev)), read, n)
+                x = model.layer_forward(i, x, StepContext(seqs=[sl], positions=sl.positions, kv=kv))
+            lp = torch.log_softmax(model.compute_logits(x[-1:]).float()[0].cpu(), dim=-1)
+            return kl(lp), (fresh.numel() * num_layers + late.numel() * (num_layers - m)) / (n * num_layers)
+
+        with torch.inference_mode():
+            blend_r = chosen[reused[chosen]]
+            for m in starts:
+                out[f"blend_R@{m}"] = run(blend_r, m)
+                out[f"all@{m}"] = run(reused.nonzero().flatten(), m)
+    finally:
+        llm.pool.release(table)
+    return out
+
+
+def _layer_inputs(
+    llm: LLM, prompt: list[Any], layers: list[int], namespace: str
+) -> tuple[list[int], dict[int, torch.Tensor]]:
+    """Run ``prompt`` with ``none``; its token ids and every prompt token's input to each of ``layers``."""
+    model = llm.runner.model
+    req = llm.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
+                          reuse={"method": "none", "namespace": namespace})
+    n = len(req.prompt_token_ids)
+    states = {m: torch.zeros(n, llm.spec.hidden_size) for m in layers}
+    forward = model.layer_forward
+
+    def recording(i: int, x: torch.Tensor, step: Any) -> torch.Tensor:
+        if i in states:
+            prompt_rows = step.positions < n  # prefill rows only
+            states[i][step.positions[prompt_rows].cpu()] = x[prompt_rows].float().cpu()
+        return forward(i, x, step)
+
+    setattr(model, "layer_forward", recording)  # noqa: B010 - an instance hook, removed below
+    try:
+        while not req.finished:
+            llm.step()
+    finally:
+        delattr(model, "layer_forward")
+    return req.prompt_token_ids, states

@@ -70,6 +70,8 @@ class Request:
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     keep_first_logits: bool = False
     first_logits: Any = None
+    recomputed_positions: Any = None
+    """Set with ``first_logits``: the prompt positions the prefill computed ([k] int64 tensor)."""
 
     @property
     def num_tokens(self) -> int:

@@ -7,8 +7,8 @@ import pytest
 
 from sparsex import LLM
 from sparsex.bench.layers import layer_sets
-from sparsex.quality import evaluate_item, layer_kv_effect, parse_method, summarize
-from sparsex.workloads import make_workload
+from sparsex.quality import evaluate_item, late_start_effect, layer_kv_effect, parse_method, summarize
+from sparsex.workloads import WorkItem, make_workload
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +48,21 @@ def test_layer_analysis_brackets_naive_and_full_prefill(llm: LLM) -> None:
     assert kl["none"] == pytest.approx(naive.kl, rel=1e-3)  # the mix with no true layer is naive
     assert kl[">=1"] < kl["none"]
     assert llm.pool.num_free_blocks == llm.pool.num_blocks  # both requests gave their blocks back
+
+
+def test_late_start_joins_the_recorded_hidden_states(llm: LLM) -> None:
+    item = make_workload("rag", 1, seed=7, doc_tokens=40, num_docs=4, style="chatml")[0]
+    last = llm.spec.num_layers - 1
+    out = late_start_effect(llm, item, [0, last], namespace="ls")
+    assert out["naive"][0] > 1e-6
+    # From layer 0 the recorded input is each token's embedding: with every reused token joining
+    # there, the pass is a full prefill, which fails if a token got another position's state.
+    assert out["all@0"][0] <= 1e-6 and out["all@0"][1] == pytest.approx(1.0)
+    assert out["blend_R@0"][1] < 1.0 and out[f"all@{last}"][1] < out["all@0"][1]
+    # Cached in exactly the prompt's own context, the recorded states at a later layer are the true
+    # ones, so restarting every reused token there reproduces full prefill too (states taken from
+    # the wrong tokens give KL ~3e-6 on this model).
+    same = WorkItem(name="same", warmup=[item.prompt], prompt=item.prompt, answer=None, kind="rag")
+    exact = late_start_effect(llm, same, [1], namespace="ls-same")
+    assert exact["naive"][0] <= 1e-8 and exact["all@1"][0] <= 1e-8
+    assert llm.pool.num_free_blocks == llm.pool.num_blocks

@@ -55,6 +55,8 @@ def prefill_request(llm: LLM, req: Request) -> torch.Tensor:
     m.num_prefix_hit_tokens = start
     m.num_segment_hit_tokens = int(reused.sum())
     m.num_recomputed_tokens = int(recomputed.numel())
+    if req.keep_first_logits:  # analysis runs (the quality harness) also want which positions ran
+        req.recomputed_positions = recomputed.cpu()
     m.compute_fraction = compute_fraction(plan, llm.spec.num_layers, n, int(recomputed.numel()))
     m.segment_sources = dict(Counter(str(s.source) for s in spans))
     m.segment_hit_tokens_by_source = dict(hit_sources)
