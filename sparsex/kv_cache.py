@@ -85,6 +85,8 @@ def paged_attention(
     caps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for s in step.seqs:
         qs, ks, vs = q[s.start : s.end], k[s.start : s.end], v[s.start : s.end]
+        if step.before_write is not None:
+            step.before_write(layer, s, ks, vs)
         if capture:
             k_old, v_old = kv.read(layer, s.read)
             caps.append((qs, k_old.clone(), v_old.clone()))

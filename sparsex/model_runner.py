@@ -123,6 +123,8 @@ class PlannedPrefill:
         has run for the first selection, returns the subset that runs the remaining layers. With
         ``restore``, the dropped tokens' KV in layers ``1..narrow_layer`` is put back.
     num_candidates: set by the runner: how many positions ran layers ``dense_layers..narrow_layer``.
+    adjust: called before each layer from ``adjust_from`` on writes the running tokens' fresh K/V
+        (``StepContext.before_write``): it may correct the cached KV of the tokens that do not run.
     """
 
     seq: SeqInput
@@ -135,6 +137,8 @@ class PlannedPrefill:
     narrow: Selector | None = None
     narrow_layer: int = 0
     num_candidates: int = 0
+    adjust: Callable[[int, SeqSlice, torch.Tensor, torch.Tensor], None] | None = None
+    adjust_from: int = 0
 
 
 def _planned_forward(runner: ModelRunner, plan: PlannedPrefill) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,10 +148,11 @@ def _planned_forward(runner: ModelRunner, plan: PlannedPrefill) -> tuple[torch.T
     tokens = torch.tensor(s.token_ids, dtype=torch.int64, device=dev)
     read = kv.reader(s.block_table, s.ctx_len, dev)
 
-    def context(pos: torch.Tensor, capture: int | None) -> StepContext:
+    def context(pos: torch.Tensor, capture: int | None, layer: int = -1) -> StepContext:
         sl = SeqSlice(0, pos.numel(), pos, kv.slots(s.block_table, pos), read, s.ctx_len)
         caps = frozenset() if capture is None else frozenset({capture})
-        return StepContext(seqs=[sl], positions=pos, kv=kv, capture_layers=caps)
+        adjust = plan.adjust if layer >= plan.adjust_from else None
+        return StepContext(seqs=[sl], positions=pos, kv=kv, capture_layers=caps, before_write=adjust)
 
     def probe(i: int, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         assert plan.select is not None
@@ -186,7 +191,7 @@ def _planned_forward(runner: ModelRunner, plan: PlannedPrefill) -> tuple[torch.T
             narrow_here = narrowing and i == plan.narrow_layer
             select_here = plan.select is not None and not plan.probe and i == plan.select_layer
             cap = i if select_here or narrow_here else None
-            step = context(active, cap)
+            step = context(active, cap, i)
             x = model.layer_forward(i, x, step)
             if select_here:
                 chosen = captured(i, step)
@@ -208,7 +213,7 @@ def _planned_forward(runner: ModelRunner, plan: PlannedPrefill) -> tuple[torch.T
         chosen = captured(plan.select_layer, step)
     x = model.embed(tokens[chosen - start])
     for i in range(num_layers):
-        x = model.layer_forward(i, x, context(chosen, None))
+        x = model.layer_forward(i, x, context(chosen, None, i))
     return model.compute_logits(x[-1:]).float()[0], chosen
 
 

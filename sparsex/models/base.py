@@ -6,6 +6,7 @@ runner can drive an explicit per-layer loop (and change which tokens are active 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -86,6 +87,9 @@ class StepContext:
     kv: the paged KV storage (sparsex.kv_cache.KVCache).
     capture_layers: layers whose queries and pre-write K/V are recorded in ``captured``.
     captured: layer -> list per seq of (q [n, Hq, D], k_before, v_before [ctx, Hkv, D]), for selection.
+    before_write: called as ``before_write(layer, seq, k, v)`` with a sequence's fresh (rotated) K/V
+        before they overwrite its cached entries and before attention reads them (a planned prefill
+        uses it to correct the cached KV of tokens that do not run).
     """
 
     seqs: list[SeqSlice]
@@ -93,6 +97,7 @@ class StepContext:
     kv: object
     capture_layers: frozenset[int] = frozenset()
     captured: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    before_write: Callable[[int, SeqSlice, torch.Tensor, torch.Tensor], None] | None = None
     _rotary: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def rotary(self, table: RopeTable) -> torch.Tensor:

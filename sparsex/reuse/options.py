@@ -73,6 +73,8 @@ class ReuseOptions:
     candidates: float = 3.0
     narrow_score: str = "kvq"
     select_unit: str = "token"
+    shift: float = 0.0
+    shift_from: int | None = None
     namespace: str = ""
     auto_segments: bool = True
     register: bool = True

@@ -26,6 +26,7 @@ from sparsex.reuse.selectors import (
     top_segments,
     union,
 )
+from sparsex.reuse.shift import segment_shift
 
 QUERY_CHUNK = 256  # non-reused queries scored at a time (bounds the [H, N, T] probability tensor)
 
@@ -144,9 +145,13 @@ def plan_prefill(
             return union(i_nr, chosen, extras) if opts.blend_overflow else union(i_nr, chosen)
 
         reused_pos = torch.nonzero(sit.reused).flatten()
+        adjust = None
+        if opts.shift:
+            adjust = segment_shift(kv, spec, sit.seq.block_table, sit.reused, sit.segment_runs, opts.shift)
+        shift_from = opts.shift_from if opts.shift_from is not None else (narrow_at + 1 if narrow else check)
         return PlannedPrefill(
             read, check, i_nr, select_blend, check, probe=True, restore=reused_pos,
-            narrow=narrow_blend if narrow else None, narrow_layer=narrow_at,
+            narrow=narrow_blend if narrow else None, narrow_layer=narrow_at, adjust=adjust, adjust_from=shift_from,
         )
 
     # sparsex: Sparse-Q scores at ℓ* (hybrid) or at layer 0 from the non-reused queries alone.
