@@ -48,6 +48,10 @@ class ReuseOptions:
     narrow_score: blend with ``narrow_layer``: the signals of the second stage (as ``blend_score``).
     select_unit: blend (first stage) and oracle: "token" = top-k positions; "segment" = whole reused
         segments by mean score until the budget is spent (experimental, see docs/BENCHMARKS.md).
+    shift: blend: weight of the segment shift (0 = off): in every layer after the final selection,
+        the mean difference between fresh and cached K/V over a segment's recomputed tokens, times
+        ``shift``, is added to the cached K/V of the segment's other tokens (this request's copy
+        only; keys compared without their rotation). 0.5 was chosen by a sweep, see docs/REUSE.md.
     namespace: tenant / cache salt; entries never cross namespaces.
     auto_segments: cut unannotated text into content-defined chunks that can be reused.
     register: publish freshly computed segments and prefix blocks into the cache.
@@ -73,8 +77,7 @@ class ReuseOptions:
     candidates: float = 3.0
     narrow_score: str = "kvq"
     select_unit: str = "token"
-    shift: float = 0.0
-    shift_from: int | None = None
+    shift: float = 0.5
     namespace: str = ""
     auto_segments: bool = True
     register: bool = True
@@ -94,6 +97,8 @@ class ReuseOptions:
                 raise ValueError(f"{name} must be one of {', '.join(BLEND_SCORES)}, got {getattr(self, name)!r}")
         if self.select_unit not in ("token", "segment"):
             raise ValueError(f"select_unit must be 'token' or 'segment', got {self.select_unit!r}")
+        if not 0.0 <= self.shift <= 1.0:
+            raise ValueError(f"shift must be in [0, 1], got {self.shift}")
         if self.candidates < 1.0:
             raise ValueError(f"candidates must be >= 1 (a multiple of the budget), got {self.candidates}")
         for name in ("overflow_blocks", "tail_tokens", "epic_tokens", "check_layer", "narrow_layer"):

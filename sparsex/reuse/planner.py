@@ -148,7 +148,7 @@ def plan_prefill(
         adjust = None
         if opts.shift:
             adjust = segment_shift(kv, spec, sit.seq.block_table, sit.reused, sit.segment_runs, opts.shift)
-        shift_from = opts.shift_from if opts.shift_from is not None else (narrow_at + 1 if narrow else check)
+        shift_from = narrow_at + 1 if narrow else check  # once the recompute set is final
         return PlannedPrefill(
             read, check, i_nr, select_blend, check, probe=True, restore=reused_pos,
             narrow=narrow_blend if narrow else None, narrow_layer=narrow_at, adjust=adjust, adjust_from=shift_from,
