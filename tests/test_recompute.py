@@ -47,6 +47,7 @@ def logprobs(llm: LLM, method: str, **opts: object) -> tuple[np.ndarray, dict]:
         ("cacheblend", {"budget": 1.0}),
         ("blend", {"budget": 1.0}),
         ("blend", {"budget": 1.0, "narrow_layer": 0}),
+        ("blend", {"budget": 1.0, "shift": 1.0}),
         ("epic", {"epic_tokens": 10_000}),
         ("oracle", {"budget": 1.0}),
     ],
@@ -148,3 +149,29 @@ def test_blend_narrowing_keeps_the_budget_and_restores_dropped_candidates(
     k_kept, _ = layer_kv_after(warm_llm, monkeypatch, "blend", 2, **narrowed)
     k_naive, _ = layer_kv_after(warm_llm, monkeypatch, "naive", 2)
     assert int(((k_kept - k_naive).abs().amax(dim=(1, 2)) > 0).sum()) > m_final["recomputed"]
+
+
+def test_segment_shift_moves_only_the_idle_reused_tokens_of_this_request(
+    warm_llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the first layer after the final selection, the reused tokens that do not run get their
+    segment's mean correction (shift > 0) or keep the loaded KV (shift = 0); tokens that run get
+    fresh KV either way; the cached segments themselves never change."""
+    before, _ = logprobs(warm_llm, "naive")
+    opts = {"budget": 0.2, "narrow_layer": 0, "blend_overflow": False}  # final set from layer 1: shift from 1
+    _, m = logprobs(warm_llm, "blend", shift=0.0, **opts)
+    layer = warm_llm.spec.num_layers - 1
+    k_naive, v_naive = layer_kv_after(warm_llm, monkeypatch, "naive", layer)
+    k_off, v_off = layer_kv_after(warm_llm, monkeypatch, "blend", layer, shift=0.0, **opts)
+    k_on, v_on = layer_kv_after(warm_llm, monkeypatch, "blend", layer, shift=0.5, **opts)
+
+    def differs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a - b).abs().amax(dim=(1, 2)) > 0
+
+    ran = differs(k_off, k_naive) | differs(v_off, v_naive)  # recomputed positions (no shift)
+    assert 0 < int(ran.sum()) <= m["recomputed"]
+    shifted = (differs(k_on, k_naive) | differs(v_on, v_naive)) & ~ran
+    assert int(shifted.sum()) >= m["hits"] // 2  # most idle reused tokens moved
+    assert int(shifted.sum()) <= m["hits"]  # only reused tokens: the others ran or were never loaded
+    after, _ = logprobs(warm_llm, "naive")
+    assert np.array_equal(before, after)  # the shift wrote into the request's own copy only

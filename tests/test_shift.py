@@ -1,0 +1,75 @@
+"""Segment shift as tensor functions: per-segment means, and the hook's effect on hand-made KV."""
+
+from __future__ import annotations
+
+import torch
+
+from sparsex.kv_cache import KVCache
+from sparsex.models.base import ModelSpec, SeqSlice
+from sparsex.models.rope import RopeTable
+from sparsex.reuse.shift import segment_means, segment_shift
+
+
+def test_segment_means_average_each_segment_and_leave_empty_ones_at_zero() -> None:
+    delta = torch.tensor([[1.0, 2.0], [3.0, 4.0], [10.0, 0.0], [20.0, 0.0], [30.0, 3.0]])
+    means, counts = segment_means(delta, torch.tensor([0, 0, 2, 2, 2]), 3)
+    assert counts.tolist() == [2, 0, 3]
+    assert torch.allclose(means, torch.tensor([[2.0, 3.0], [0.0, 0.0], [20.0, 1.0]]))
+    cmeans, _ = segment_means(torch.complex(delta, -delta), torch.tensor([0, 0, 2, 2, 2]), 3)
+    assert torch.allclose(cmeans.real, means) and torch.allclose(cmeans.imag, -means)
+
+
+def _spec(num_layers: int = 2, heads: int = 2, dim: int = 8) -> ModelSpec:
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    table = RopeTable(inv_freq)
+    return ModelSpec(
+        model_type="llama", num_layers=num_layers, num_heads=heads, num_kv_heads=heads, head_dim=dim,
+        hidden_size=heads * dim, vocab_size=10, max_position=64, windows=[None] * num_layers,
+        rope=[table] * num_layers, attn_scale=dim**-0.5,
+    )
+
+
+def test_shift_adds_the_rotated_mean_correction_to_idle_tokens_only() -> None:
+    """Sources' fresh keys differ from the cached ones by one unrotated vector per segment, rotated to
+    each source's position; idle tokens of the segment must move by weight x that vector rotated to
+    *their* positions. A segment with no running token, and non-reused tokens, stay as they were."""
+    torch.manual_seed(0)
+    spec = _spec()
+    kv = KVCache(spec, num_blocks=4, block_size=8, dtype=torch.float32, device=torch.device("cpu"))
+    kv.k.normal_()
+    kv.v.normal_()
+    table = [3, 0, 2, 1]  # the request's blocks, not in order
+    n, layer, weight = 30, 1, 0.5
+    reused = torch.zeros(n, dtype=torch.bool)
+    reused[2:12] = True
+    reused[14:20] = True
+    reused[20:28] = True
+    runs = [(2, 12), (14, 20), (20, 28)]
+    k0, v0 = kv.k.clone(), kv.v.clone()
+    hook = segment_shift(kv, spec, table, reused, runs, weight)
+
+    running = torch.tensor([0, 1, 3, 5, 15, 28, 29])  # sources in runs 0 and 1; none in run 2
+    slots = kv.slots(table, running)
+    u = torch.randn(len(runs), spec.num_kv_heads, spec.head_dim // 2, dtype=torch.complex64)
+    w = torch.randn(len(runs), spec.num_kv_heads, spec.head_dim)
+    rot = spec.rope[0].rotary(torch.arange(n))[:, None, :]
+    seg = torch.tensor([-1, -1, 0, 0, 1, -1, -1])
+    k_new, v_new = kv.k[layer][slots].clone(), kv.v[layer][slots].clone()
+    src = seg >= 0
+    k_new[src] += torch.view_as_real(u[seg[src]] * rot[running[src]]).flatten(-2)
+    v_new[src] += w[seg[src]]
+    hook(layer, SeqSlice(0, 7, running, slots, slice(0, n), n), k_new, v_new)
+
+    idle = reused.clone()
+    idle[running] = False
+    for p in range(n):
+        s = kv.slots(table, torch.tensor([p]))
+        k_p, v_p, k_was, v_was = kv.k[layer][s][0], kv.v[layer][s][0], k0[layer][s][0], v0[layer][s][0]
+        j = next((i for i, (a, b) in enumerate(runs) if a <= p < b), -1)
+        if idle[p] and j in (0, 1):
+            expect = k_was + weight * torch.view_as_real(u[j] * rot[p]).flatten(-2)
+            assert torch.allclose(k_p, expect, atol=1e-5), p
+            assert torch.allclose(v_p, v_was + weight * w[j], atol=1e-6), p
+        else:  # running tokens (written later by the layer), run 2 (no source), non-reused tokens
+            assert torch.equal(k_p, k_was) and torch.equal(v_p, v_was), p
+    assert torch.equal(kv.k[0], k0[0]) and torch.equal(kv.v[0], v0[0])  # other layers untouched
