@@ -203,7 +203,7 @@ def late_start_effect(
     """Would a cache of per-token hidden states make repair cheaper? KL against full prefill and cost.
 
     Runs the item's warm-up with ``none``, recording every token's input to each layer in ``starts``
-    (what such a cache would hold), then ``naive`` and ``blend``. Then, over naive's KV, the
+    (what such a cache would hold), then ``naive`` and ``blend`` (``shift=0``). Then, over naive's KV, the
     non-reused tokens run every layer while a recompute set joins only at layer ``m``, from the
     hidden state recorded when its segment was cached, instead of running from layer 0:
     ``blend_R@m`` uses the set ``blend`` chose (``blend_R@0`` is that set with no selection cost),
@@ -223,8 +223,8 @@ def late_start_effect(
         return float(torch.sum(ref.exp() * (ref - lp)).clamp_min(0.0))
 
     out: dict[str, tuple[float, float]] = {}
-    for method in ("naive", "blend"):
-        lp, req = _run(llm, item.prompt, {"method": method, "register": False, "namespace": namespace}, 1)
+    for method in ("naive", "blend"):  # blend without the segment shift: these runs do not apply it
+        lp, req = _run(llm, item.prompt, {"method": method, "shift": 0.0, "register": False, "namespace": namespace}, 1)
         out[method] = (kl(lp), req.metrics.compute_fraction)
     chosen = req.recomputed_positions  # blend's, the last run
     ids, n = req.prompt_token_ids, len(req.prompt_token_ids)
