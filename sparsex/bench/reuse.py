@@ -22,6 +22,7 @@ METHODS: list[tuple[str, dict[str, Any]]] = [
     ("sparsex (no hybrid)", {"method": "sparsex", "hybrid": False}),
     ("sparsex (hybrid)", {"method": "sparsex", "hybrid": True}),
     ("blend", {"method": "blend"}),
+    ("blend (no shift)", {"method": "blend", "shift": 0.0}),
 ]
 
 

@@ -16,7 +16,7 @@ import torch
 
 from sparsex.kv_cache import KVCache
 from sparsex.models.base import ModelSpec, SeqSlice
-from sparsex.models.rope import _as_pairs
+from sparsex.models.rope import RopeTable, _as_pairs
 
 
 def segment_means(delta: torch.Tensor, segment: torch.Tensor, num_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,31 +44,48 @@ def segment_shift(
     for j, (a, b) in enumerate(segment_runs):
         seg_of[a:b] = j
     seg_of, reused = seg_of.to(dev), reused.to(dev)
-    rotations: dict[int, torch.Tensor] = {}  # per RoPE table: [n, D/2] complex rotation of every position
+    # Everything that depends only on which tokens run (the same set in every layer after the
+    # final selection) is computed once per set; rotations once per RoPE table (Gemma 3 has two).
+    plan: dict[str, torch.Tensor] = {}
+    rotations: dict[tuple[int, str], torch.Tensor] = {}
 
-    def adjust(layer: int, seq: SeqSlice, k: torch.Tensor, v: torch.Tensor) -> None:
-        seg = seg_of[seq.positions]
+    def prepare(positions: torch.Tensor, slots: torch.Tensor) -> dict[str, torch.Tensor]:
+        if "positions" in plan and torch.equal(plan["positions"], positions):
+            return plan
+        rotations.clear()
+        seg = seg_of[positions]
         src = seg >= 0
-        if not bool(src.any()):
-            return
-        table = spec.rope[layer]
-        if id(table) not in rotations:
-            rotations[id(table)] = table.rotary(torch.arange(n)).to(dev)[:, None, :]
-        rot = rotations[id(table)]
-        slots, pos = seq.slots[src], seq.positions[src]
-        dk = _as_pairs(k[src].float() - kv.k[layer][slots].float()) / rot[pos]
-        dv = v[src].float() - kv.v[layer][slots].float()
-        mean_k, counts = segment_means(dk, seg[src], len(segment_runs))
-        mean_v, _ = segment_means(dv, seg[src], len(segment_runs))
+        counts = torch.bincount(seg[src], minlength=len(segment_runs))
         idle = reused.clone()
-        idle[seq.positions] = False
+        idle[positions] = False
         targets = torch.nonzero(idle).flatten()
         targets = targets[counts[seg_of[targets]] > 0]
-        if targets.numel() == 0:
+        plan.update(positions=positions, src=torch.nonzero(src).flatten(), src_seg=seg[src],
+                    src_pos=positions[src], src_slots=slots[src],
+                    targets=targets, t_seg=seg_of[targets], t_slots=kv.slots(block_table, targets))
+        return plan
+
+    def rotation(table: RopeTable, which: str, positions: torch.Tensor) -> torch.Tensor:
+        """[m, 1, D/2] rotations of ``positions`` ("targets": times ``weight``; "src": inverted)."""
+        key = (id(table), which)
+        if key not in rotations:
+            rot = table.rotary(positions.cpu()).to(dev)[:, None, :]
+            rotations[key] = 1.0 / rot if which == "src" else weight * rot
+        return rotations[key]
+
+    def adjust(layer: int, seq: SeqSlice, k: torch.Tensor, v: torch.Tensor) -> None:
+        p = prepare(seq.positions, seq.slots)
+        if p["targets"].numel() == 0:
             return
-        t_slots, t_seg = kv.slots(block_table, targets), seg_of[targets]
-        shift_k = torch.view_as_real(mean_k[t_seg] * rot[targets]).flatten(-2)
-        kv.k[layer].index_copy_(0, t_slots, (kv.k[layer][t_slots].float() + weight * shift_k).to(kv.dtype))
-        kv.v[layer].index_copy_(0, t_slots, (kv.v[layer][t_slots].float() + weight * mean_v[t_seg]).to(kv.dtype))
+        table = spec.rope[layer]
+        src, slots = p["src"], p["src_slots"]
+        k_old, v_old = kv.k[layer].index_select(0, slots).float(), kv.v[layer].index_select(0, slots).float()
+        dk = _as_pairs(k.index_select(0, src).float() - k_old) * rotation(table, "src", p["src_pos"])
+        mean_k, _ = segment_means(dk, p["src_seg"], len(segment_runs))
+        mean_v, _ = segment_means(v.index_select(0, src).float() - v_old, p["src_seg"], len(segment_runs))
+        t_slots, t_seg = p["t_slots"], p["t_seg"]
+        shift_k = torch.view_as_real(mean_k[t_seg] * rotation(table, "targets", p["targets"])).flatten(-2)
+        kv.k[layer].index_add_(0, t_slots, shift_k.to(kv.dtype))
+        kv.v[layer].index_add_(0, t_slots, (weight * mean_v)[t_seg].to(kv.dtype))
 
     return adjust
