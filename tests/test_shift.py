@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sparsex.kv_cache import KVCache
@@ -73,3 +74,14 @@ def test_shift_adds_the_rotated_mean_correction_to_idle_tokens_only() -> None:
         else:  # running tokens (written later by the layer), run 2 (no source), non-reused tokens
             assert torch.equal(k_p, k_was) and torch.equal(v_p, v_was), p
     assert torch.equal(kv.k[0], k0[0]) and torch.equal(kv.v[0], v0[0])  # other layers untouched
+
+
+def test_shift_weight_defaults_per_family_and_validates() -> None:
+    from sparsex.reuse.options import ReuseOptions, shift_weight
+
+    assert shift_weight(ReuseOptions(), "llama") == 0.5
+    assert shift_weight(ReuseOptions(), "gemma3") == 0.3
+    assert shift_weight(ReuseOptions(shift=0.0), "llama") == 0.0  # off
+    assert shift_weight(ReuseOptions(shift=0.8), "gemma3") == 0.8
+    with pytest.raises(ValueError, match="shift"):
+        ReuseOptions(shift=1.5)

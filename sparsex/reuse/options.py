@@ -51,7 +51,8 @@ class ReuseOptions:
     shift: blend: weight of the segment shift (0 = off): in every layer after the final selection,
         the mean difference between fresh and cached K/V over a segment's recomputed tokens, times
         ``shift``, is added to the cached K/V of the segment's other tokens (this request's copy
-        only; keys compared without their rotation). 0.5 was chosen by a sweep, see docs/REUSE.md.
+        only; keys compared without their rotation). None = the family default (Llama 0.5,
+        Gemma 3 0.3), chosen by sweeps, see docs/REUSE.md.
     namespace: tenant / cache salt; entries never cross namespaces.
     auto_segments: cut unannotated text into content-defined chunks that can be reused.
     register: publish freshly computed segments and prefix blocks into the cache.
@@ -77,7 +78,7 @@ class ReuseOptions:
     candidates: float = 3.0
     narrow_score: str = "kvq"
     select_unit: str = "token"
-    shift: float = 0.5
+    shift: float | None = None
     namespace: str = ""
     auto_segments: bool = True
     register: bool = True
@@ -97,7 +98,7 @@ class ReuseOptions:
                 raise ValueError(f"{name} must be one of {', '.join(BLEND_SCORES)}, got {getattr(self, name)!r}")
         if self.select_unit not in ("token", "segment"):
             raise ValueError(f"select_unit must be 'token' or 'segment', got {self.select_unit!r}")
-        if not 0.0 <= self.shift <= 1.0:
+        if self.shift is not None and not 0.0 <= self.shift <= 1.0:
             raise ValueError(f"shift must be in [0, 1], got {self.shift}")
         if self.candidates < 1.0:
             raise ValueError(f"candidates must be >= 1 (a multiple of the budget), got {self.candidates}")
@@ -120,6 +121,15 @@ class ReuseOptions:
 
 # ℓ* as a fraction of depth per family, chosen from the measurements in docs/REUSE.md.
 DEFAULT_BOUNDARY = {"llama": 0.17, "gemma3": 0.17}
+
+
+# blend's segment-shift weight per family, chosen from the sweeps in docs/BENCHMARKS.md.
+DEFAULT_SHIFT = {"llama": 0.5, "gemma3": 0.3}
+
+
+def shift_weight(opts: ReuseOptions, family: str) -> float:
+    """The segment shift's weight for ``family`` (0 = off)."""
+    return float(opts.shift if opts.shift is not None else DEFAULT_SHIFT.get(family, 0.5))
 
 
 def boundary_layer(opts: ReuseOptions, num_layers: int, family: str) -> int:

@@ -14,7 +14,7 @@ from sparsex.attention import attention_probs
 from sparsex.kv_cache import KVCache
 from sparsex.model_runner import PlannedPrefill, SelectionInputs, SeqInput
 from sparsex.models.base import ModelSpec
-from sparsex.reuse.options import ReuseOptions, boundary_layer
+from sparsex.reuse.options import ReuseOptions, boundary_layer, shift_weight
 from sparsex.reuse.selectors import (
     epic_positions,
     kv_deviation_scores,
@@ -145,9 +145,9 @@ def plan_prefill(
             return union(i_nr, chosen, extras) if opts.blend_overflow else union(i_nr, chosen)
 
         reused_pos = torch.nonzero(sit.reused).flatten()
-        adjust = None
-        if opts.shift:
-            adjust = segment_shift(kv, spec, sit.seq.block_table, sit.reused, sit.segment_runs, opts.shift)
+        adjust, weight = None, shift_weight(opts, spec.family)
+        if weight > 0:
+            adjust = segment_shift(kv, spec, sit.seq.block_table, sit.reused, sit.segment_runs, weight)
         shift_from = narrow_at + 1 if narrow else check  # once the recompute set is final
         return PlannedPrefill(
             read, check, i_nr, select_blend, check, probe=True, restore=reused_pos,
