@@ -21,3 +21,18 @@ def test_load_breakdown_moves_the_reused_rows_and_leaks_nothing(tiny_model_dir: 
     assert all(parts[k] > 0 for k in ("lookup", "load", "copy_floor"))
     assert not llm.has_unfinished()
     assert llm.pool.num_free_blocks == llm.pool.num_blocks - llm.pool.num_pinned_blocks
+
+
+def test_bench_reuse_reports_quality_next_to_ttft(tiny_model_dir: Any, tmp_path: Any) -> None:
+    import json
+
+    from sparsex.bench.reuse import main
+
+    out = tmp_path / "reuse.json"
+    assert main(["--model", str(tiny_model_dir("llama")), "--docs", "3", "--doc-tokens", "40", "--repeats", "1",
+                 "--methods", "naive,blend", "--out", str(out), "--plot", ""]) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["results"]["120"]}
+    assert set(rows) == {"none", "naive", "blend"}
+    assert rows["none"]["kl"] == 0.0 and rows["none"]["top1"]
+    assert rows["naive"]["kl"] > 0 and rows["naive"]["gap_closed"] == 0.0
+    assert rows["blend"]["gap_closed"] is not None and rows["blend"]["kl"] < rows["naive"]["kl"]

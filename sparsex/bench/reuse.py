@@ -2,7 +2,9 @@
 
 The documents (real text) are cached once, each alone; the test prompt puts them in a new
 order behind a short instruction and before a question, so >= 85% of its tokens are reused.
-All methods run side by side in one process, interleaved, and are reported as ratios to ``none``.
+All methods run side by side in one process, interleaved, and are reported as ratios to ``none``;
+each method's quality on the same prompt (KL of the first next-token distribution against ``none``,
+share of naive's KL closed, same top-1 token) is measured in one more, untimed run.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import argparse
 import statistics
 from typing import Any
+
+import numpy as np
 
 from sparsex.bench.common import machine, print_table, write_json
 
@@ -130,10 +134,19 @@ def main(argv: list[str] | None = None) -> int:
                 overheads[label].append(out.metrics.reuse_overhead_s)
                 last[label] = out.metrics
         base = statistics.median(times["none"])
+        # Quality on the same prompt (untimed): KL of the first next-token distribution vs none.
+        lps = {label: llm.next_token_logprobs(prompt, reuse={**opts, "budget": args.budget, "register": False,
+                                                             "namespace": f"bench-{total}"})
+               for label, opts in methods}
+        ref = lps["none"]
+        kls = {label: float(np.sum(np.exp(ref) * (ref - lp))) for label, lp in lps.items()}
+        naive_kl = kls.get("naive")
         rows = []
         for label, _ in methods:
             m, t, ov = last[label], statistics.median(times[label]), statistics.median(overheads[label])
             rows.append({
+                "kl": max(kls[label], 0.0), "top1": bool(lps[label].argmax() == ref.argmax()),
+                "gap_closed": 1.0 - kls[label] / naive_kl if naive_kl else None,
                 "method": label, "ttft_s": t, "speedup": base / t, "cost": m.compute_fraction,
                 "reused": m.num_segment_hit_tokens / m.num_prompt_tokens,
                 "recomputed": m.num_recomputed_tokens / m.num_prompt_tokens,
@@ -147,9 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nRAG prompt: {rows[0]['prompt_tokens']} tokens, {args.docs} cached documents, "
               f"budget {args.budget}, median of {args.repeats}")
         print_table(
-            ["method", "TTFT s", "speedup", "cost", "reused", "recomputed", "lookup+align s", "share"],
+            ["method", "TTFT s", "speedup", "cost", "reused", "recomputed", "lookup+align s", "share", "KL",
+             "gap closed", "top1"],
             [[r["method"], r["ttft_s"], f"{r['speedup']:.1f}x", r["cost"], r["reused"], r["recomputed"],
-              r["overhead_s"], f"{100 * r['overhead_share']:.1f}%"] for r in rows],
+              r["overhead_s"], f"{100 * r['overhead_share']:.1f}%", f"{r['kl']:.4f}",
+              "-" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f}%", "yes" if r["top1"] else "no"]
+             for r in rows],
         )
         if total == sizes[0]:
             ms = {k: f"{1e3 * breakdown[k]:.1f} ms" for k in ("lookup", "load", "copy_floor")}
