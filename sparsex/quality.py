@@ -78,6 +78,11 @@ class RunResult:
     prompt_tokens: int
 
 
+def kl_divergence(ref: torch.Tensor, lp: torch.Tensor) -> float:
+    """KL(reference || method) of two next-token log-probability vectors (clamped at 0)."""
+    return float(torch.sum(ref.exp() * (ref - lp)).clamp_min(0.0))
+
+
 def _run(llm: LLM, prompt: list[Any], reuse: dict[str, Any], n_tokens: int) -> tuple[torch.Tensor, Any]:
     params = SamplingParams(max_tokens=n_tokens, temperature=0.0, ignore_eos=True)
     req = llm.add_request(prompt, params, reuse=reuse)
@@ -104,7 +109,7 @@ def evaluate_item(
     for spec in methods:
         reuse = {**spec.reuse, "register": False, "namespace": namespace}
         lp, req = _run(llm, item.prompt, reuse, continuation)
-        kl = float(torch.sum(ref_lp.exp() * (ref_lp - lp)).clamp_min(0.0))
+        kl = kl_divergence(ref_lp, lp)
         match = 0
         for a, b in zip(req.output_token_ids, ref.output_token_ids, strict=False):
             if a != b:
@@ -191,7 +196,7 @@ def layer_kv_effect(
         ref = last_logprobs(list(range(llm.spec.num_layers)))
         for name, layers in layer_sets.items():
             lp = last_logprobs(layers)
-            out[name] = float(torch.sum(ref.exp() * (ref - lp)).clamp_min(0.0))
+            out[name] = kl_divergence(ref, lp)
     finally:
         llm.abort(req)
     return out
@@ -219,13 +224,10 @@ def late_start_effect(
     warm_states = [_layer_inputs(llm, warm, starts, namespace) for warm in item.warmup]
     ref, _ = _run(llm, item.prompt, {"method": "none", "register": False, "namespace": namespace}, 1)
 
-    def kl(lp: torch.Tensor) -> float:
-        return float(torch.sum(ref.exp() * (ref - lp)).clamp_min(0.0))
-
     out: dict[str, tuple[float, float]] = {}
     for method in ("naive", "blend"):  # blend without the segment shift: these runs do not apply it
         lp, req = _run(llm, item.prompt, {"method": method, "shift": 0.0, "register": False, "namespace": namespace}, 1)
-        out[method] = (kl(lp), req.metrics.compute_fraction)
+        out[method] = (kl_divergence(ref, lp), req.metrics.compute_fraction)
     chosen = req.recomputed_positions  # blend's, the last run
     ids, n = req.prompt_token_ids, len(req.prompt_token_ids)
     spans = list(req.spans) + auto_spans(n, ids, list(req.spans), namespace)
@@ -259,7 +261,7 @@ def late_start_effect(
                 sl = SeqSlice(0, active.numel(), active.to(dev), kv.slots(table, active.to(dev)), read, n)
                 x = model.layer_forward(i, x, StepContext(seqs=[sl], positions=sl.positions, kv=kv))
             lp = torch.log_softmax(model.compute_logits(x[-1:]).float()[0].cpu(), dim=-1)
-            return kl(lp), (fresh.numel() * num_layers + late.numel() * (num_layers - m)) / (n * num_layers)
+            return kl_divergence(ref, lp), (fresh.numel() * num_layers + late.numel() * (num_layers - m)) / (n * num_layers)
 
         with torch.inference_mode():
             blend_r = chosen[reused[chosen]]

@@ -13,8 +13,6 @@ import argparse
 import statistics
 from typing import Any
 
-import numpy as np
-
 from sparsex.bench.common import machine, print_table, write_json
 
 METHODS: list[tuple[str, dict[str, Any]]] = [
@@ -108,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", default="out/ttft_vs_length.png")
     args = ap.parse_args(argv)
 
+    import torch
+
     from sparsex import LLM, SamplingParams
+    from sparsex.quality import kl_divergence
 
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(wanted) - {label for label, _ in METHODS}
@@ -139,13 +140,13 @@ def main(argv: list[str] | None = None) -> int:
                                                              "namespace": f"bench-{total}"})
                for label, opts in methods}
         ref = lps["none"]
-        kls = {label: float(np.sum(np.exp(ref) * (ref - lp))) for label, lp in lps.items()}
+        kls = {label: kl_divergence(torch.from_numpy(ref), torch.from_numpy(lp)) for label, lp in lps.items()}
         naive_kl = kls.get("naive")
         rows = []
         for label, _ in methods:
             m, t, ov = last[label], statistics.median(times[label]), statistics.median(overheads[label])
             rows.append({
-                "kl": max(kls[label], 0.0), "top1": bool(lps[label].argmax() == ref.argmax()),
+                "kl": kls[label], "top1": bool(lps[label].argmax() == ref.argmax()),
                 "gap_closed": 1.0 - kls[label] / naive_kl if naive_kl else None,
                 "method": label, "ttft_s": t, "speedup": base / t, "cost": m.compute_fraction,
                 "reused": m.num_segment_hit_tokens / m.num_prompt_tokens,
