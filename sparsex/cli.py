@@ -135,14 +135,14 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
-    mod = importlib.import_module(f"sparsex.bench.{args.which}")
+    mod = importlib.import_module(f"sparsex.lab.bench.{args.which}")
     return int(mod.main(args.rest) or 0)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import importlib
 
-    return int(importlib.import_module("sparsex.bench.evaluate").main(args.rest) or 0)
+    return int(importlib.import_module("sparsex.lab.bench.evaluate").main(args.rest) or 0)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ def run_demo(model: str | None = None, device: str = "cpu", quick: bool = False)
     print(f"\nassistant> {out.text.strip()}\n")
     print(f"TTFT {m.ttft_s * 1e3:.0f} ms, {m.num_generated_tokens} tokens in {m.latency_s:.2f}s")
     try:
-        from sparsex.scenarios_demo import run_scenarios
+        from sparsex.lab.scenarios import run_scenarios
     except ImportError:
         return 0
     return int(run_scenarios(llm, quick=quick))

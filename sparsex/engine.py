@@ -1,15 +1,19 @@
 """The engine: ``LLM`` (the stable Python API) over scheduler, cache and model runner.
 
     LLM.generate / chat / next_token_logprobs
-      -> add_request -> Scheduler -> step(): prefill one request | decode a batch
-         -> ModelRunner.forward -> sample -> RequestOutput
+      -> add_request -> Scheduler.schedule(): admit (KVCacheManager: hits + blocks) | decode batch
+         -> step(): Prefiller.prefill(ids, options, admission) | ModelRunner.forward
+         -> sample -> RequestOutput
+
+A failure in one request (its prefill, sampling or detokenization) finishes that request alone
+with ``finish_reason == "error"``; ``generate`` re-raises it to the caller.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,12 +23,14 @@ import torch
 from sparsex.cache.block_pool import BlockPool, blocks_for_budget
 from sparsex.config import EngineConfig, available_memory_bytes
 from sparsex.kv_cache import KVCache
+from sparsex.kv_manager import Admission, KVCacheManager
 from sparsex.model_runner import ModelRunner, SeqInput
 from sparsex.models.base import ModelSpec
 from sparsex.models.loader import load_model, resolve_model
 from sparsex.request import Request, RequestMetrics
-from sparsex.reuse.options import ReuseOptions, resolve_reuse
-from sparsex.reuse.prefill import pin_document, prefill_request
+from sparsex.reuse.options import METHODS, ReuseOptions, resolve_reuse
+from sparsex.reuse.planner import Planner
+from sparsex.reuse.prefill import Prefiller
 from sparsex.reuse.store import SegmentStore
 from sparsex.sampler import make_generator, sample
 from sparsex.sampling_params import SamplingParams
@@ -51,6 +57,10 @@ class RequestOutput:
     finish_reason: str | None
     logprobs: list[float]
     metrics: RequestMetrics
+    first_logprobs: np.ndarray | None = None
+    """With ``keep_first_logits``: log-probabilities over the vocabulary at the first generated token."""
+    recomputed_positions: np.ndarray | None = None
+    """With ``keep_first_logits``: the prompt positions the prefill ran through the last layer."""
 
 
 class LLM:
@@ -65,10 +75,13 @@ class LLM:
         model: str | None = None,
         device: str = "cpu",
         reuse: str | ReuseOptions | dict[str, Any] | None = None,
+        planners: Mapping[str, Planner] | None = None,
         **kwargs: Any,
     ) -> None:
+        """``planners`` adds reuse methods by name (the evaluation lab's analysis-only ones)."""
         self.config = EngineConfig(model=model, device=device, **kwargs)
-        self.reuse = resolve_reuse(ReuseOptions(), reuse)
+        self.methods: tuple[str, ...] = (*METHODS, *(m for m in (planners or {}) if m not in METHODS))
+        self.reuse = resolve_reuse(ReuseOptions(), reuse, self.methods)
         if self.config.kv_dtype not in DTYPES:
             raise ValueError(f"kv_dtype must be one of {sorted(DTYPES)}, got {self.config.kv_dtype!r}")
         self.device = torch.device(device)
@@ -88,11 +101,16 @@ class LLM:
         self.pool = BlockPool(num_blocks, bs, high_water=self.config.high_water)
         self.kv = KVCache(self.spec, num_blocks, bs, kv_dtype, self.device)
         self.runner = ModelRunner(self.model, self.kv, self.device)  # type: ignore[arg-type]
-        self.scheduler = Scheduler(self.pool, bs, self.config.max_num_seqs)
-        self.store = SegmentStore(self.pool, self.kv, self.spec, f"{self.model_path.name}")
+        self.cache = KVCacheManager(self.pool, f"{self.model_path.name}")
+        self.scheduler = Scheduler(self.cache, self.config.max_num_seqs)
+        self.store = SegmentStore(self.cache, self.kv, self.spec)
+        self.prefiller = Prefiller(self.store, self.runner, self.spec, planners)
         self.eos_token_ids = self.tokenizer.eos_token_ids
         self._ids = itertools.count()
         self._generators: dict[str, torch.Generator | None] = {}
+        self._keep_first: set[str] = set()
+        self._first: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (first logits, recomputed)
+        self._errors: dict[str, Exception] = {}
 
     # ----- request lifecycle -------------------------------------------------------------
 
@@ -102,10 +120,13 @@ class LLM:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         reuse: str | ReuseOptions | dict[str, Any] | None = None,
+        keep_first_logits: bool = False,
     ) -> Request:
+        """Queue ``prompt``; ``keep_first_logits`` keeps the first token's distribution and the
+        recomputed positions for ``output_of`` (analysis)."""
         params = params or SamplingParams()
         ids, spans = self.tokenizer.encode_prompt(prompt)
-        return self.add_tokenized(ids, params, spans, request_id, reuse)
+        return self.add_tokenized(ids, params, spans, request_id, reuse, keep_first_logits)
 
     def add_tokenized(
         self,
@@ -114,8 +135,9 @@ class LLM:
         spans: Sequence[Any] = (),
         request_id: str | None = None,
         reuse: str | ReuseOptions | dict[str, Any] | None = None,
+        keep_first_logits: bool = False,
     ) -> Request:
-        opts = resolve_reuse(self.reuse, reuse)
+        opts = resolve_reuse(self.reuse, reuse, self.methods)
         if not ids:
             raise ValueError("the prompt is empty")
         if any((not isinstance(t, int)) or t < 0 or t >= self.spec.vocab_size for t in ids):
@@ -134,6 +156,8 @@ class LLM:
             )
         req.metrics.num_prompt_tokens = len(ids)
         self._generators[req.request_id] = make_generator(params, self.device)
+        if keep_first_logits:
+            self._keep_first.add(req.request_id)
         self.scheduler.add(req)
         return req
 
@@ -147,49 +171,74 @@ class LLM:
         return self.scheduler.num_unfinished > 0
 
     def step(self) -> list[Request]:
-        """Run one engine step; returns the requests that got a new token."""
+        """Run one engine step; returns the requests that got a new token or failed."""
         out = self.scheduler.schedule()
         if out.prefill is not None:
-            req = out.prefill
-            try:
-                logits = self._prefill(req)
-            except Exception:
-                req.finish_reason = "error"
-                self._finish(req)
-                raise
-            self._append_token(req, logits)
-            return [req]
+            assert out.admission is not None
+            return self._prefill_step(out.prefill, out.admission)
         if not out.decode:
             return []
         seqs = []
         for r in out.decode:
             pos = r.num_tokens - 1
-            self._ensure_blocks(r, pos + 1)
+            r.block_table.extend(self.cache.grow(r.block_table, pos + 1))
             seqs.append(SeqInput([r.output_token_ids[-1]], [pos], r.block_table, pos + 1))
-        logits = self.runner.forward(seqs)
+        try:
+            logits = self.runner.forward(seqs)
+        except Exception as e:  # the batch's state is unknown: fail each request in it
+            for r in out.decode:
+                self._fail(r, e)
+            return out.decode
         for r, row in zip(out.decode, logits, strict=True):
             r.num_computed_tokens += 1
-            self._append_token(r, row)
+            self._append_token_or_fail(r, row)
         return out.decode
 
     # ----- internals -----------------------------------------------------------------------
 
-    def _ensure_blocks(self, req: Request, num_tokens: int) -> None:
-        need = -(-num_tokens // self.pool.block_size) - len(req.block_table)
-        if need > 0:
-            req.block_table.extend(self.pool.allocate(need))
+    def _prefill_step(self, req: Request, adm: Admission) -> list[Request]:
+        try:
+            res = self.prefiller.prefill(req.prompt_token_ids, req.reuse, adm)
+        except Exception as e:
+            self._fail(req, e)
+            return [req]
+        req.num_computed_tokens = len(req.prompt_token_ids)
+        m = req.metrics
+        m.reuse = req.reuse.method
+        m.num_prefix_hit_tokens = res.num_prefix_hit_tokens
+        m.num_segment_hit_tokens = res.num_segment_hit_tokens
+        m.num_recomputed_tokens = int(res.recomputed.numel())
+        m.compute_fraction = res.compute_fraction
+        m.reuse_overhead_s = adm.lookup_s + res.load_s
+        m.segment_sources = res.segment_sources
+        m.segment_hit_tokens_by_source = res.hit_tokens_by_source
+        if req.request_id in self._keep_first:
+            self._first[req.request_id] = (res.logits.detach().clone(), res.recomputed.cpu())
+        self._append_token_or_fail(req, res.logits)
+        return [req]
 
-    def _prefill(self, req: Request) -> torch.Tensor:
-        """Prefill with the request's reuse method (full prefill for ``none``)."""
-        return prefill_request(self, req)
+    def _append_token_or_fail(self, req: Request, logits: torch.Tensor) -> None:
+        try:
+            self._append_token(req, logits)
+        except Exception as e:
+            self._fail(req, e)
+
+    def _fail(self, req: Request, error: Exception) -> None:
+        """Finish ``req`` alone with ``finish_reason="error"``, keeping the error for ``generate``."""
+        self._errors[req.request_id] = error
+        req.finish_reason = "error"
+        if not req.finished:
+            self._finish(req)
+
+    def error_of(self, req: Request) -> Exception | None:
+        """The exception that failed ``req`` (``finish_reason == "error"``), if any; forgets it."""
+        return self._errors.pop(req.request_id, None)
 
     def _append_token(self, req: Request, logits: torch.Tensor) -> None:
         now = time.perf_counter()
         if req.first_token_time is None:
             req.first_token_time = now
             req.metrics.ttft_s = now - req.arrival_time
-            if req.keep_first_logits:
-                req.first_logits = logits.detach().clone()
         tok, lp = sample(logits, req.params, self._generators.get(req.request_id))
         req.output_token_ids.append(tok)
         req.output_logprobs.append(lp)
@@ -219,9 +268,11 @@ class LLM:
             self.pool.release(req.block_table)
             req.block_table = []
         self._generators.pop(req.request_id, None)
+        self._keep_first.discard(req.request_id)
 
-    @staticmethod
-    def output_of(req: Request) -> RequestOutput:
+    def output_of(self, req: Request) -> RequestOutput:
+        """The request's output so far (with the kept first-token data, which is then forgotten)."""
+        first = self._first.pop(req.request_id, None) if req.finished else None
         return RequestOutput(
             request_id=req.request_id,
             prompt_token_ids=req.prompt_token_ids,
@@ -231,6 +282,8 @@ class LLM:
             finish_reason=req.finish_reason,
             logprobs=list(req.output_logprobs),
             metrics=req.metrics,
+            first_logprobs=None if first is None else torch.log_softmax(first[0], dim=-1).cpu().numpy(),
+            recomputed_positions=None if first is None else first[1].numpy(),
         )
 
     # ----- public API ------------------------------------------------------------------------
@@ -247,8 +300,15 @@ class LLM:
         """
         batch = [prompts] if self._is_single(prompts) else list(prompts)
         reqs = [self.add_request(p, sampling_params, reuse=reuse) for p in batch]  # type: ignore[arg-type]
+        return self.run_to_completion(reqs)
+
+    def run_to_completion(self, reqs: Sequence[Request]) -> list[RequestOutput]:
+        """Step until ``reqs`` finish; their outputs in order. Re-raises the first request's error."""
         while not all(r.finished for r in reqs):
             self.step()
+        errors = [e for e in (self.error_of(r) for r in reqs) if e is not None]
+        if errors:
+            raise errors[0]
         return [self.output_of(r) for r in reqs]
 
     @staticmethod
@@ -264,13 +324,11 @@ class LLM:
         reuse: str | ReuseOptions | dict[str, Any] | None = None,
     ) -> RequestOutput:
         """One chat turn: the chat template renders ``messages``; every message is a segment."""
-        ns = resolve_reuse(self.reuse, reuse).namespace
+        ns = resolve_reuse(self.reuse, reuse, self.methods).namespace
         parts = self.tokenizer.chat_parts(messages, namespace=ns)
         ids, spans = self.tokenizer.encode_prompt(parts, source="chat")
         req = self.add_tokenized(ids, sampling_params or SamplingParams(), spans, reuse=reuse)
-        while not req.finished:
-            self.step()
-        return self.output_of(req)
+        return self.run_to_completion([req])[0]
 
     def stream(self, req: Request) -> Iterator[str]:
         """Drive the engine until ``req`` finishes, yielding its new text as it grows."""
@@ -290,12 +348,10 @@ class LLM:
     ) -> np.ndarray:
         """Log-probabilities over the vocabulary of the token after ``prompt`` (1-D float32)."""
         params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-        req = self.add_request(prompt, params, reuse=reuse)
-        req.keep_first_logits = True
-        while not req.finished:
-            self.step()
-        assert req.first_logits is not None
-        return torch.log_softmax(req.first_logits, dim=-1).cpu().numpy()
+        req = self.add_request(prompt, params, reuse=reuse, keep_first_logits=True)
+        out = self.run_to_completion([req])[0]
+        assert out.first_logprobs is not None
+        return out.first_logprobs
 
     # ----- pinned segments ---------------------------------------------------------------------
 
@@ -306,16 +362,26 @@ class LLM:
 
         Pinned segments survive LRU eviction until the pool passes its high-water mark.
         """
-        return [pin_document(self, d, namespace, names[i] if names else None) for i, d in enumerate(docs)]
+        return [self._pin(d, namespace, names[i] if names else None) for i, d in enumerate(docs)]
+
+    def _pin(self, doc: str | list[int], namespace: str, name: str | None) -> str:
+        """Compute ``doc`` alone (after BOS where the model uses one) and pin it as a segment."""
+        toks = self.tokenizer.encode(doc) if isinstance(doc, str) else [int(t) for t in doc]
+        if not toks:
+            raise ValueError("cannot pin an empty document")
+        ids = self.tokenizer.with_bos(toks)
+        if len(ids) > self.spec.max_position:
+            raise ValueError(f"document of {len(ids)} tokens exceeds the context of {self.spec.max_position}")
+        return self.prefiller.pin(ids, len(toks), namespace, name)
 
     def uncache_segments(self, segment_ids: Sequence[str]) -> int:
         """Unpin segments (their KV stays cached until evicted); returns how many were found."""
-        return sum(bool(self.store.segments.unpin(sid)) for sid in segment_ids)
+        return sum(bool(self.cache.segments.unpin(sid)) for sid in segment_ids)
 
     def list_segments(self, namespace: str | None = None) -> list[dict[str, Any]]:
         """Pinned segments with their size and hit counts."""
         return [
             {"id": p.segment_id, "name": p.name, "namespace": p.namespace, "num_tokens": p.num_tokens,
              "num_blocks": p.num_blocks, "num_hits": p.num_hits}
-            for p in self.store.segments.list_pinned(namespace)
+            for p in self.cache.segments.list_pinned(namespace)
         ]

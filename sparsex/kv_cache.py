@@ -7,15 +7,15 @@
 
 A request's block table lists its blocks in position order; position p lives in slot
 ``table[p // bs] * bs + p % bs``. Block ids are managed by ``sparsex.cache.BlockPool``;
-this module only stores and moves tensors.
+this module only stores and moves tensors (it implements ``sparsex.models.base.KVStorage``;
+attention lives with the models).
 """
 
 from __future__ import annotations
 
 import torch
 
-from sparsex.attention import attend
-from sparsex.models.base import ModelSpec, StepContext
+from sparsex.models.base import ModelSpec
 
 
 class KVCache:
@@ -59,43 +59,17 @@ class KVCache:
         self.k[layer].index_copy_(0, slots, k.to(self.dtype))
         self.v[layer].index_copy_(0, slots, v.to(self.dtype))
 
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of layer ``layer``'s K, V at ``slots``: [n, Hkv, D] each (in the storage dtype)."""
+        return self.k[layer].index_select(0, slots), self.v[layer].index_select(0, slots)
+
+    def add(self, layer: int, slots: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
+        """Add ``dk``, ``dv`` ([n, Hkv, D]) to layer ``layer``'s K, V at ``slots`` (in place)."""
+        self.k[layer].index_add_(0, slots, dk.to(self.dtype))
+        self.v[layer].index_add_(0, slots, dv.to(self.dtype))
+
     def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy K/V of every layer from slots ``src`` to slots ``dst``."""
         self.k.index_copy_(1, dst, self.k[:, src])
         self.v.index_copy_(1, dst, self.v[:, src])
 
-
-def paged_attention(
-    layer: int,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    step: StepContext,
-    *,
-    scale: float,
-    window: int | None,
-) -> torch.Tensor:
-    """Write this step's fresh K/V, then attend every sequence over its whole KV.
-
-    q: [N, Hq, D]; k, v: [N, Hkv, D] (rotated). Returns [N, Hq, D].
-    """
-    kv: KVCache = step.kv  # type: ignore[assignment]
-    capture = layer in step.capture_layers
-    outs: list[torch.Tensor] = []
-    caps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    for s in step.seqs:
-        qs, ks, vs = q[s.start : s.end], k[s.start : s.end], v[s.start : s.end]
-        if step.before_write is not None:
-            step.before_write(layer, s, ks, vs)
-        if capture:
-            k_old, v_old = kv.read(layer, s.read)
-            caps.append((qs, k_old.clone(), v_old.clone()))
-        kv.write(layer, s.slots, ks, vs)
-        if s.dense:  # fresh prefill: attend over the projections themselves, no read-back
-            outs.append(attend(qs, ks, vs, s.positions, scale=scale, window=window, dense_causal=True))
-            continue
-        k_all, v_all = kv.read(layer, s.read)
-        outs.append(attend(qs, k_all, v_all, s.positions, scale=scale, window=window))
-    if capture:
-        step.captured[layer] = caps
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)

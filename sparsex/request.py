@@ -5,8 +5,8 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
+from sparsex.reuse.options import ReuseOptions
 from sparsex.sampling_params import SamplingParams
 from sparsex.segments import SegmentSpan
 
@@ -56,7 +56,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     spans: list[SegmentSpan] = field(default_factory=list)
-    reuse: Any = None
+    reuse: ReuseOptions = field(default_factory=ReuseOptions)
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
@@ -68,10 +68,6 @@ class Request:
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
-    keep_first_logits: bool = False
-    first_logits: Any = None
-    recomputed_positions: Any = None
-    """Set with ``first_logits``: the prompt positions the prefill computed ([k] int64 tensor)."""
 
     @property
     def num_tokens(self) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsex.attention import QUERY_CHUNK, attend, attention_probs
+from sparsex.models.attention import QUERY_CHUNK, attend, attention_probs
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float,

@@ -108,7 +108,7 @@ def test_pinned_survive_lru_pressure_until_high_water(llama: Any) -> None:
     assert len(filler) >= 30 * 60
     for i in range(30):
         ask(llm, filler[60 * i : 60 * i + 60], lead=f"Churn {i}:")
-    assert llm.store.segments.missing_blocks(filler[:60], "") != []  # the churn was evicted
+    assert llm.cache.segments.missing_blocks(filler[:60], "") != []  # the churn was evicted
     assert llm.pool.num_pinned_blocks == 6 and set(listing(llm)) == {pid, rid}
     assert ask(llm, rare, lead="Rare again:").num_segment_hit_tokens == 40
     assert ask(llm, popular, lead="Popular again:").num_segment_hit_tokens == 40

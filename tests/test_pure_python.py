@@ -12,10 +12,10 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "numpy", "transformers")
-PURE_MODULES = ["sparsex.cache", "sparsex.workloads", "sparsex.scheduler", "sparsex.request",
+PURE_MODULES = ["sparsex.cache", "sparsex.lab.workloads", "sparsex.scheduler", "sparsex.request",
                 "sparsex.reuse.options", "sparsex.segments", "sparsex.sampling_params"]
 PURE_FILES = [*sorted((REPO_ROOT / "sparsex" / "cache").glob("*.py")),
-              *sorted((REPO_ROOT / "sparsex" / "workloads").glob("*.py")),
+              *sorted((REPO_ROOT / "sparsex" / "lab" / "workloads").glob("*.py")),
               *(REPO_ROOT / "sparsex" / f for f in ("scheduler.py", "request.py", "segments.py",
                                                      "sampling_params.py", "reuse/options.py"))]
 
@@ -24,7 +24,7 @@ PURE_FILES = [*sorted((REPO_ROOT / "sparsex" / "cache").glob("*.py")),
 def test_importing_loads_no_heavy_module(module: str) -> None:
     code = (
         f"import sys, {module}\n"
-        "import sparsex.workloads as w; w.make_workload('rag', 1, 0, doc_tokens=20, num_docs=2)\n"
+        "import sparsex.lab.workloads as w; w.make_workload('rag', 1, 0, doc_tokens=20, num_docs=2)\n"
         f"heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)\n"
         "assert not heavy, heavy"
     )
@@ -48,9 +48,9 @@ def test_no_pure_module_imports_a_heavy_module_even_lazily(path: Path) -> None:
 
 def test_public_names_are_exported() -> None:
     import sparsex.cache
-    import sparsex.workloads
+    import sparsex.lab.workloads
 
-    for mod in (sparsex.cache, sparsex.workloads):
+    for mod in (sparsex.cache, sparsex.lab.workloads):
         for name in mod.__all__:
             assert hasattr(mod, name), (mod.__name__, name)
-    assert sparsex.workloads.WORKLOADS == ("rag", "chat", "agents", "needle", "vartrack", "cwe", "fwe")
+    assert sparsex.lab.workloads.WORKLOADS == ("rag", "chat", "agents", "needle", "vartrack", "cwe", "fwe")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sparsex import LLM, Segment
+from sparsex import LLM, SamplingParams, Segment
+from sparsex.lab.oracle import LAB_PLANNERS
 
 DOCS = [
     "Alpha beta gamma delta. " * 8,
@@ -21,7 +22,7 @@ def reordered_prompt() -> list:
 
 @pytest.fixture(scope="module", params=["llama", "gemma3"])
 def warm_llm(request: pytest.FixtureRequest, tiny_model_dir) -> LLM:
-    llm = LLM(model=str(tiny_model_dir(request.param)), kv_cache_memory=32 << 20)
+    llm = LLM(model=str(tiny_model_dir(request.param)), kv_cache_memory=32 << 20, planners=LAB_PLANNERS)
     for d in DOCS:  # cache every document in another context and position
         llm.next_token_logprobs(["A different lead-in text", Segment(d), "end"], reuse="none")
     return llm
@@ -29,14 +30,13 @@ def warm_llm(request: pytest.FixtureRequest, tiny_model_dir) -> LLM:
 
 def logprobs(llm: LLM, method: str, **opts: object) -> tuple[np.ndarray, dict]:
     reuse = {"method": method, "register": False, **opts}
-    req = llm.add_request(reordered_prompt(), reuse=reuse)
-    req.params.max_tokens, req.params.temperature, req.params.ignore_eos = 1, 0.0, True
-    req.keep_first_logits = True
-    while not req.finished:
-        llm.step()
-    lp = req.first_logits.log_softmax(-1).numpy()
-    return lp, {"hits": req.metrics.num_segment_hit_tokens, "recomputed": req.metrics.num_recomputed_tokens,
-                "n": req.metrics.num_prompt_tokens}
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    req = llm.add_request(reordered_prompt(), params, reuse=reuse, keep_first_logits=True)
+    out = llm.run_to_completion([req])[0]
+    assert out.first_logprobs is not None
+    m = out.metrics
+    return out.first_logprobs, {"hits": m.num_segment_hit_tokens, "recomputed": m.num_recomputed_tokens,
+                                "n": m.num_prompt_tokens}
 
 
 @pytest.mark.parametrize(
@@ -101,8 +101,8 @@ def layer_kv_after(
     released: list[list[int]] = []
     release = llm.pool.release
     monkeypatch.setattr(llm.pool, "release", lambda ids: (released.append(list(ids)), release(ids))[1])
-    req = llm.add_request(reordered_prompt(), reuse={"method": method, "register": False, **opts})
-    req.params.max_tokens, req.params.temperature, req.params.ignore_eos = 1, 0.0, True
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    req = llm.add_request(reordered_prompt(), params, reuse={"method": method, "register": False, **opts})
     while not req.finished:
         llm.step()
     monkeypatch.undo()
@@ -116,7 +116,7 @@ def test_blend_restores_unselected_tokens_in_its_dense_layers(warm_llm: LLM, mon
     their loaded KV back, so each keeps one consistent (stale) KV across layers."""
     k_naive, v_naive = layer_kv_after(warm_llm, monkeypatch, "naive", 1)
     k_blend, v_blend = layer_kv_after(warm_llm, monkeypatch, "blend", 1, check_layer=2, budget=0.0,
-                                      blend_overflow=False)
+                                      overflow_blocks=0, tail_tokens=0)
     _, m = logprobs(warm_llm, "naive")
     changed = (k_blend - k_naive).abs().amax(dim=(1, 2)) > 0
     # Only non-reused tokens can differ from naive (those before the first segment do not).
@@ -133,10 +133,10 @@ def test_blend_narrowing_keeps_the_budget_and_restores_dropped_candidates(
     """Two stages: 3x the budget runs layers 1..2, the top budget by layer-2 deviation goes on. The
     dropped candidates ran layers 1..2 with fresh KV; it is put back, so at those layers only the
     final set differs from naive."""
-    narrowed = {"budget": 0.1, "narrow_layer": 2, "candidates": 3.0, "blend_overflow": False}
+    narrowed = {"budget": 0.1, "narrow_layer": 2, "candidates": 3.0, "overflow_blocks": 0, "tail_tokens": 0}
     _, m_final = logprobs(warm_llm, "blend", **narrowed)
-    _, m_wide = logprobs(warm_llm, "blend", budget=0.3, blend_overflow=False)  # the first stage alone
-    _, m_budget = logprobs(warm_llm, "blend", budget=0.1, blend_overflow=False)
+    _, m_wide = logprobs(warm_llm, "blend", budget=0.3, overflow_blocks=0, tail_tokens=0)  # the first stage alone
+    _, m_budget = logprobs(warm_llm, "blend", budget=0.1, overflow_blocks=0, tail_tokens=0)
     assert m_final["recomputed"] == m_budget["recomputed"] < m_wide["recomputed"]
     for layer in (1, 2):
         k_naive, v_naive = layer_kv_after(warm_llm, monkeypatch, "naive", layer)
@@ -145,7 +145,7 @@ def test_blend_narrowing_keeps_the_budget_and_restores_dropped_candidates(
         assert 0 < int(changed.sum()) <= m_final["recomputed"], layer
     # Without the restore the dropped candidates keep their fresh KV: more tokens differ.
     # (layer_kv_after undoes every patch once its request has run, so the naive run below is normal.)
-    monkeypatch.setattr("sparsex.model_runner._restore", lambda *a: None)
+    monkeypatch.setattr("sparsex.reuse.executor._restore", lambda *a: None)
     k_kept, _ = layer_kv_after(warm_llm, monkeypatch, "blend", 2, **narrowed)
     k_naive, _ = layer_kv_after(warm_llm, monkeypatch, "naive", 2)
     assert int(((k_kept - k_naive).abs().amax(dim=(1, 2)) > 0).sum()) > m_final["recomputed"]
@@ -158,7 +158,7 @@ def test_segment_shift_moves_only_the_idle_reused_tokens_of_this_request(
     segment's mean correction (shift > 0) or keep the loaded KV (shift = 0); tokens that run get
     fresh KV either way; the cached segments themselves never change."""
     before, _ = logprobs(warm_llm, "naive")
-    opts = {"budget": 0.2, "narrow_layer": 0, "blend_overflow": False}  # final set from layer 1: shift from 1
+    opts = {"budget": 0.2, "narrow_layer": 0, "overflow_blocks": 0, "tail_tokens": 0}  # final set from layer 1: shift from 1
     _, m = logprobs(warm_llm, "blend", shift=0.0, **opts)
     layer = warm_llm.spec.num_layers - 1
     k_naive, v_naive = layer_kv_after(warm_llm, monkeypatch, "naive", layer)

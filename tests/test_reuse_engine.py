@@ -117,7 +117,7 @@ def test_segments_computed_over_reused_kv_are_not_published_by_default(llama: An
     assert out.metrics.num_segment_hit_tokens == 40
 
     def hit_tokens(doc: list[int]) -> int:
-        hit = llm.store.segments.match(doc, "")
+        hit = llm.cache.segments.match(doc, "")
         llm.pool.release(hit.block_ids)
         return hit.num_tokens
 
@@ -186,7 +186,7 @@ def test_segment_cached_in_part(llama: Any) -> None:
     assert out.metrics.num_segment_hit_tokens == 32  # doc's last block (13 tokens) differs in doc+extra
     assert out.metrics.num_prefix_hit_tokens == 0
     # ... and the longer segment, computed around the hit, is not published (it holds reused KV).
-    assert llm.store.segments.missing_blocks(doc + extra, "") == [2, 3, 4]
+    assert llm.cache.segments.missing_blocks(doc + extra, "") == [2, 3, 4]
     assert_no_leak(llm)
 
 
@@ -198,7 +198,7 @@ def test_admitted_request_runs_when_its_hits_hold_the_free_blocks(llama: Any) ->
     llm = make_llm(llama, num_blocks=12)
     doc = list(range(100, 140))
     llm.generate([[Segment(doc), [5, 6, 7]]], SamplingParams(max_tokens=2), reuse="none")
-    assert llm.store.segments.missing_blocks(doc, "") == []
+    assert llm.cache.segments.missing_blocks(doc, "") == []
     prompt = [list(range(200, 200 + 12 * BS - 40 - 3 - 4)), Segment(doc), [5, 6, 7]]
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     out = llm.generate([prompt], params, reuse=no_reg("naive"))[0]
@@ -245,7 +245,7 @@ def test_eviction_while_requests_run(llama: Any) -> None:
     assert exact[1].metrics.num_prefix_hit_tokens == 32  # the system text, published by exact[0]
     assert [r.metrics.num_segment_hit_tokens for r in naive] == [80, 80]
     # The churn evicted the warm documents (LRU) while the requests reading them kept running.
-    assert all(llm.store.segments.missing_blocks(d, "") != [] for d in warm_docs(make_llm(llama)))
+    assert all(llm.cache.segments.missing_blocks(d, "") != [] for d in warm_docs(make_llm(llama)))
     assert_no_leak(llm)
 
     # Each request's output is what it gets without any churn.

@@ -156,7 +156,7 @@ def check_alignment(
     assert reused.metrics.num_segment_hit_tokens == doc_len
     assert reused.metrics.num_prefix_hit_tokens == 0
     # The segment's own cached blocks (computed at pos_a), as the index stores them.
-    hit = llm.store.segments.match(doc, namespace)
+    hit = llm.cache.segments.match(doc, namespace)
     try:
         assert hit.num_tokens == doc_len
         assert hit.positions[0] == pos_a[0]

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from sparsex.attention import attention_probs
+from sparsex.models.attention import attention_probs
 from sparsex.reuse.selectors import (
+    deviation_scores,
     epic_positions,
     kv_deviation_scores,
+    normalized,
+    query_mass,
     overflow_positions,
     runs,
-    segment_start_prior,
     sparse_q_scores,
     tail_positions,
     top_k_reused,
-    top_segments,
     union,
 )
 
@@ -87,20 +89,26 @@ def test_epic_first_tokens_of_each_segment_and_union() -> None:
     assert union(torch.tensor([5, 1]), torch.tensor([1, 3]), torch.tensor([])).tolist() == [1, 3, 5]
 
 
-def test_segment_start_prior_decays_from_each_segment_start() -> None:
-    prior = segment_start_prior([(2, 5), (6, 8)], 9, scale=1.0)
-    assert prior[[0, 1, 5, 8]].tolist() == [0.0, 0.0, 0.0, 0.0]  # outside every segment
-    assert prior[2] == prior[6] == 1.0
-    assert prior[2] > prior[3] > prior[4] > 0
-    assert torch.isclose(prior[3], torch.exp(torch.tensor(-1.0)))
+def test_normalized_signals_add_on_one_scale() -> None:
+    among = torch.tensor([False, True, True, True])
+    assert normalized(torch.tensor([100.0, 1, 2, 3]), among).tolist() == [50.0, 0.5, 1.0, 1.5]
+    fresh = torch.zeros(4, 1, 2)
+    k_cached = torch.tensor([[[0.0, 0]], [[3, 4]], [[0, 0]], [[0, 1]]])  # K deviations 0, 5, 0, 1
+    v_cached = torch.tensor([[[0.0, 0]], [[0, 0]], [[0, 2]], [[0, 0]]])  # V deviations 0, 0, 2, 0
+    got = deviation_scores(fresh, k_cached, fresh, v_cached, among)
+    # K over its mean (2) + V over its mean (2/3) among positions 1..3
+    assert torch.allclose(got, torch.tensor([0.0, 2.5, 3.0, 0.5]))
+    q_mass = torch.tensor([9.0, 0, 0, 3])
+    assert torch.allclose(deviation_scores(fresh, k_cached, fresh, v_cached, among, q_mass) - got,
+                          torch.tensor([9.0, 0, 0, 3]))
 
 
-def test_top_segments_takes_whole_segments_by_mean_score() -> None:
-    scores = torch.tensor([0.0, 5, 1, 1, 1, 0, 9, 0, 0, 0, 2, 2, 2, 2])
-    runs = [(1, 5), (5, 10), (10, 14)]  # means 2.0, 1.8, 2.0
-    # k = 8: the first segment (mean 2.0, earlier of the tie), then the third; exactly 8 positions.
-    assert top_segments(scores, runs, 8).tolist() == [1, 2, 3, 4, 10, 11, 12, 13]
-    # k = 6: the crossing segment gives its best positions only (ties toward the earlier position).
-    assert top_segments(scores, runs, 6).tolist() == [1, 2, 3, 4, 10, 11]
-    assert top_segments(scores, runs, 0).numel() == 0
-    assert top_segments(scores, [], 5).numel() == 0
+def test_query_mass_scores_only_the_non_reused_queries() -> None:
+    torch.manual_seed(0)
+    q, k = torch.randn(3, 2, 4), torch.randn(5, 1, 4)  # queries at positions 2..4, GQA 2:1
+    positions = torch.tensor([2, 3, 4])
+    fresh = torch.tensor([False, False, True, False, True])  # position 3 is reused: its query is not counted
+    got = query_mass(q, k, positions, fresh, scale=0.5, window=None)
+    probs = attention_probs(q[[0, 2]], k, positions[[0, 2]], scale=0.5)
+    assert torch.allclose(got, sparse_q_scores(probs, 5))
+    assert got[3] > 0 and float(got.sum()) == pytest.approx(4.0)  # 2 queries x 2 heads, each sums to 1

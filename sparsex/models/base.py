@@ -78,13 +78,28 @@ class SeqSlice:
         return self.end - self.start == self.ctx_len
 
 
+class KVStorage(Protocol):
+    """The paged KV storage a model layer reads and writes (``sparsex.kv_cache.KVCache`` implements it).
+
+    Declared here, where the models need it, so that models never import the storage module.
+    """
+
+    def read(self, layer: int, read: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of layer ``layer`` at ``read`` (a slice of slots or a slot index): [T, Hkv, D] each."""
+        ...
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K, V ([n, Hkv, D]) of layer ``layer`` into ``slots`` ([n])."""
+        ...
+
+
 @dataclass
 class StepContext:
     """Everything a layer needs beyond its hidden states for one forward step.
 
     seqs: the sequences in the step, in flat order.
     positions: [N] positions of all active tokens (concatenated seqs).
-    kv: the paged KV storage (sparsex.kv_cache.KVCache).
+    kv: the paged KV storage.
     capture_layers: layers whose queries and pre-write K/V are recorded in ``captured``.
     captured: layer -> list per seq of (q [n, Hq, D], k_before, v_before [ctx, Hkv, D]), for selection.
     before_write: called as ``before_write(layer, seq, k, v)`` with a sequence's fresh (rotated) K/V
@@ -94,7 +109,7 @@ class StepContext:
 
     seqs: list[SeqSlice]
     positions: torch.Tensor
-    kv: object
+    kv: KVStorage
     capture_layers: frozenset[int] = frozenset()
     captured: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     before_write: Callable[[int, SeqSlice, torch.Tensor, torch.Tensor], None] | None = None

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsex.kv_cache import paged_attention
+from sparsex.models.attention import paged_attention
 from sparsex.models.base import ModelSpec, StepContext, rms_norm
 from sparsex.models.rope import apply_rope, build_rope_table, to_pair_layout
 

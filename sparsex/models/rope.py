@@ -70,7 +70,7 @@ def to_pair_layout(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     return w.reshape(heads, head_dim, *w.shape[1:])[:, perm].reshape(w.shape).contiguous()
 
 
-def _as_pairs(x: torch.Tensor) -> torch.Tensor:
+def as_pairs(x: torch.Tensor) -> torch.Tensor:
     """View [..., D] real as [..., D/2] complex (x must be float32/float64)."""
     return torch.view_as_complex(x.view(*x.shape[:-1], -1, 2))
 
@@ -80,7 +80,7 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     xf = x.float()
     if xf.stride(-1) != 1 or xf.storage_offset() % 2 or any(st % 2 for st in xf.stride()[:-1]):
         xf = xf.contiguous()
-    out = torch.view_as_real(_as_pairs(xf) * rot[:, None, :]).flatten(-2)
+    out = torch.view_as_real(as_pairs(xf) * rot[:, None, :]).flatten(-2)
     return out.to(x.dtype)
 
 
@@ -116,10 +116,10 @@ def rotate_into(out: torch.Tensor, k: torch.Tensor, rot: torch.Tensor) -> None:
     cdt = torch.complex64 if dt == torch.float32 else torch.complex128
     if out.dtype != dt:
         tmp = k.to(dt, copy=True)
-        _as_pairs(tmp).mul_(rot.to(cdt))
+        as_pairs(tmp).mul_(rot.to(cdt))
         out.copy_(tmp)
         return
-    torch.mul(_as_pairs(k.to(dt)), rot.to(cdt), out=_as_pairs(out))
+    torch.mul(as_pairs(k.to(dt)), rot.to(cdt), out=as_pairs(out))
 
 
 def align_rope(

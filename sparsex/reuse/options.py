@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from typing import Any
 
-BLEND_SCORES = ("k", "kv", "q", "kq", "kvq", "impact")
-METHODS = ("none", "prefix", "naive", "epic", "cacheblend", "sparsex", "blend", "oracle")
-SERVING_METHODS = METHODS[:-1]  # "oracle" runs a full prefill first: an upper bound for evaluation only
+METHODS = ("none", "prefix", "naive", "epic", "cacheblend", "sparsex", "blend")
+"""The built-in methods. The evaluation lab adds analysis-only ones (``oracle``) to an engine it
+builds (``LLM(planners=...)``); the server serves only these."""
 
 
 @dataclass(frozen=True)
@@ -20,9 +21,7 @@ class ReuseOptions:
         cacheblend: dense through ``check_layer``, then top tokens by K deviation.
         sparsex: the paper's Sparse-Q selection at ``boundary`` (hybrid) or layer 0.
         blend: our default, see docs/REUSE.md.
-        oracle: evaluation only: runs a full prefill first to measure every reused token's true KV
-            error (summed over layers), restores the cached KV, then recomputes the top ``budget``
-            tokens by that error (plus the non-reused ones). Shows the headroom of any selector.
+        Any other name must be a method the engine was given (``LLM(planners=...)``).
     budget: fraction of reused tokens to recompute (the top-k size), in [0, 1].
     boundary: ℓ* as a layer index (int) or a fraction of depth (float in [0, 1)); None = family default.
     hybrid: sparsex only: layers 0..ℓ* dense (True) or select at layer 0 (False).
@@ -34,20 +33,12 @@ class ReuseOptions:
     epic_tokens: epic: leading tokens recomputed per reused segment.
     check_layer: cacheblend: layer at which K deviation is measured (dense through it); blend: the
         probed layer (dense before it).
-    blend_score: blend: which signals rank reused tokens at the probed layer: "k"/"v" deviation between
-        fresh and cached K/V, "q" attention mass of the non-reused queries (Sparse-Q); letters add
-        the signals, each over its mean; "impact" = q-mass x V deviation.
-    blend_overflow: blend: add the overflow blocks and tail fallback to the selection.
-    start_weight: blend: weight of a prior ``exp(-offset / 32)`` on a token's offset in its segment,
-        added to the normalized scores (0 = off).
     narrow_layer: blend: 0 (or <= check_layer) = off; else select in two stages: the probe at
-        ``check_layer`` picks ``candidates`` x the budget, layers ``check_layer..narrow_layer`` run
-        for those candidates only, and ``narrow_score`` at ``narrow_layer`` keeps the budget's top
-        tokens (KV of the dropped candidates is put back).
+        ``check_layer`` picks ``candidates`` x the budget by K+V deviation, layers
+        ``check_layer..narrow_layer`` run for those candidates only, and K+V deviation plus the
+        Sparse-Q mass at ``narrow_layer`` keeps the budget's top tokens (KV of the dropped
+        candidates is put back).
     candidates: blend with ``narrow_layer``: size of the first stage, as a multiple of the budget.
-    narrow_score: blend with ``narrow_layer``: the signals of the second stage (as ``blend_score``).
-    select_unit: blend (first stage) and oracle: "token" = top-k positions; "segment" = whole reused
-        segments by mean score until the budget is spent (experimental, see docs/BENCHMARKS.md).
     shift: blend: weight of the segment shift (0 = off): in every layer after the final selection,
         the mean difference between fresh and cached K/V over a segment's recomputed tokens, times
         ``shift``, is added to the cached K/V of the segment's other tokens (this request's copy
@@ -71,13 +62,8 @@ class ReuseOptions:
     tail_tokens: int = 64
     epic_tokens: int = 16
     check_layer: int = 1
-    blend_score: str = "kv"
-    blend_overflow: bool = True
-    start_weight: float = 0.0
     narrow_layer: int = 3
     candidates: float = 3.0
-    narrow_score: str = "kvq"
-    select_unit: str = "token"
     shift: float | None = None
     namespace: str = ""
     auto_segments: bool = True
@@ -85,19 +71,14 @@ class ReuseOptions:
     register_after_reuse: bool = False
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown reuse method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not isinstance(self.method, str) or not self.method:
+            raise ValueError(f"reuse method must be a method name, got {self.method!r}")
         if not 0.0 <= self.budget <= 1.0:
             raise ValueError(f"budget must be in [0, 1], got {self.budget}")
         if isinstance(self.boundary, float) and not 0.0 <= self.boundary < 1.0:
             raise ValueError(f"a fractional boundary must be in [0, 1), got {self.boundary}")
         if isinstance(self.boundary, int) and not isinstance(self.boundary, bool) and self.boundary < 0:
             raise ValueError(f"boundary layer must be >= 0, got {self.boundary}")
-        for name in ("blend_score", "narrow_score"):
-            if getattr(self, name) not in BLEND_SCORES:
-                raise ValueError(f"{name} must be one of {', '.join(BLEND_SCORES)}, got {getattr(self, name)!r}")
-        if self.select_unit not in ("token", "segment"):
-            raise ValueError(f"select_unit must be 'token' or 'segment', got {self.select_unit!r}")
         if self.shift is not None and not 0.0 <= self.shift <= 1.0:
             raise ValueError(f"shift must be in [0, 1], got {self.shift}")
         if self.candidates < 1.0:
@@ -139,17 +120,26 @@ def boundary_layer(opts: ReuseOptions, num_layers: int, family: str) -> int:
     return max(0, min(layer, num_layers - 1))
 
 
-def resolve_reuse(base: ReuseOptions, reuse: str | ReuseOptions | dict[str, Any] | None) -> ReuseOptions:
-    """Per-request reuse options: a method name, a full ReuseOptions, or a dict of overrides."""
+def resolve_reuse(
+    base: ReuseOptions, reuse: str | ReuseOptions | dict[str, Any] | None, methods: Collection[str] = METHODS
+) -> ReuseOptions:
+    """Per-request reuse options: a method name, a full ReuseOptions, or a dict of overrides.
+
+    The method must be one of ``methods`` (the engine passes the ones it can run).
+    """
     if reuse is None:
-        return base
-    if isinstance(reuse, ReuseOptions):
-        return reuse
-    if isinstance(reuse, str):
-        return base.with_updates(method=reuse)
-    if isinstance(reuse, dict):
+        opts = base
+    elif isinstance(reuse, ReuseOptions):
+        opts = reuse
+    elif isinstance(reuse, str):
+        opts = base.with_updates(method=reuse)
+    elif isinstance(reuse, dict):
         unknown = set(reuse) - set(ReuseOptions.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown reuse option(s): {', '.join(sorted(unknown))}")
-        return base.with_updates(**reuse)
-    raise TypeError(f"reuse must be a method name, ReuseOptions or dict, got {type(reuse).__name__}")
+        opts = base.with_updates(**reuse)
+    else:
+        raise TypeError(f"reuse must be a method name, ReuseOptions or dict, got {type(reuse).__name__}")
+    if opts.method not in methods:
+        raise ValueError(f"unknown reuse method {opts.method!r}; choose one of {', '.join(methods)}")
+    return opts

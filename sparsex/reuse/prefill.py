@@ -1,127 +1,109 @@
-"""A request's prefill with reuse: look up, load and align, plan, run, publish."""
+"""A request's prefill with reuse: load the admitted hits, plan, run, publish.
+
+    Admission (hits, blocks) ─▶ SegmentStore.load ─▶ plan_prefill ─▶ run_plan ─▶ SegmentStore.publish
+                                  copy + realign      RecomputePlan    PlanRun      fresh KV only
+
+``Prefiller`` is given its dependencies (the segment store, the model runner, the planners) and
+returns a ``PrefillResult``; it never reaches back into the engine.
+"""
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
-from sparsex.cache import NoFreeBlocksError
-from sparsex.model_runner import SeqInput, run_planned
-from sparsex.request import Request
+from sparsex.kv_manager import Admission
+from sparsex.model_runner import ModelRunner, SeqInput
+from sparsex.models.base import ModelSpec
+from sparsex.reuse.executor import compute_fraction, run_plan
 from sparsex.reuse.options import ReuseOptions
-from sparsex.reuse.planner import ReuseSituation, compute_fraction, plan_prefill
-from sparsex.reuse.store import Lookup, auto_spans
+from sparsex.reuse.planner import PLANNERS, PlanContext, Planner, ReuseSituation, plan_prefill
+from sparsex.reuse.store import SegmentStore
 from sparsex.segments import SegmentSpan
 
-if TYPE_CHECKING:
-    from sparsex.engine import LLM
 
+@dataclass(frozen=True)
+class PrefillResult:
+    """What a prefill computed.
 
-def prefill_request(llm: LLM, req: Request) -> torch.Tensor:
-    """Run ``req``'s prompt with its reuse method; returns the last position's logits [V]."""
-    t0 = time.perf_counter()
-    opts: ReuseOptions = req.reuse
-    ids, n = req.prompt_token_ids, len(req.prompt_token_ids)
-    spans = list(req.spans)
-    if opts.auto_segments:
-        spans += auto_spans(n, ids, spans, opts.namespace)
-    store = llm.store
-    lookup = store.lookup(ids, spans, opts.namespace, prefix=opts.uses_prefix, segments=opts.reuses_segments)
-    req.block_table = list(lookup.prefix_blocks)  # released with the request, even on failure
-    try:
-        _allocate_blocks(llm, req, lookup, n)
-    except Exception:
-        store.release(lookup)
-        raise
-    start = lookup.prefix_len
-    runs = [(h.span.start, h.span.start + h.num_tokens) for h in lookup.hits]
-    hit_sources: Counter[str] = Counter()
-    for h in lookup.hits:
-        hit_sources[h.span.source] += h.num_tokens
-    reused = torch.zeros(n, dtype=torch.bool)
-    reused[store.load(lookup, req.block_table)] = True
-    req.metrics.reuse_overhead_s = time.perf_counter() - t0
-    seq = SeqInput(ids[start:], list(range(start, n)), req.block_table, n)
-    error = true_kv_error(llm, seq, reused) if opts.method == "oracle" and bool(reused.any()) else None
-    plan = plan_prefill(opts, llm.spec, llm.kv, ReuseSituation(seq, start, reused, runs, error))
-    logits, recomputed = run_planned(llm.runner, plan)
-    req.num_computed_tokens = n
-
-    m = req.metrics
-    m.reuse = opts.method
-    m.num_prefix_hit_tokens = start
-    m.num_segment_hit_tokens = int(reused.sum())
-    m.num_recomputed_tokens = int(recomputed.numel())
-    if req.keep_first_logits:  # analysis runs (the quality harness) also want which positions ran
-        req.recomputed_positions = recomputed.cpu()
-    m.compute_fraction = compute_fraction(plan, llm.spec.num_layers, n, int(recomputed.numel()))
-    m.segment_sources = dict(Counter(str(s.source) for s in spans))
-    m.segment_hit_tokens_by_source = dict(hit_sources)
-
-    if opts.register:
-        first_reused = min((a for a, _ in runs), default=n)
-        fresh = [
-            s for s in spans
-            if not bool(reused[s.start : s.end].any()) and (s.end <= first_reused or opts.register_after_reuse)
-        ]
-        store.publish(ids, req.block_table, opts.namespace, first_reused, fresh)
-    return logits
-
-
-def true_kv_error(llm: LLM, seq: SeqInput, reused: torch.Tensor) -> torch.Tensor:
-    """[T] per-token L2 error of the loaded KV against a full prefill, summed over layers and K/V.
-
-    Runs the full prefill (overwriting the request's KV), measures, then puts the loaded KV back.
-    Analysis only (method ``oracle``): it costs a full prefill.
+    logits: [V] float32 logits of the last prompt position.
+    recomputed: positions that ran the last layer, ascending.
+    num_prefix_hit_tokens / num_segment_hit_tokens: tokens served by the prefix cache / segments.
+    compute_fraction: share of a full prefill's token-layers that ran.
+    load_s: seconds spent loading and aligning segment KV.
+    segment_sources: segments per source; hit_tokens_by_source: reused tokens per source.
     """
-    kv = llm.kv
-    pos = torch.nonzero(reused).flatten()
-    slots = kv.slots(seq.block_table, pos.to(kv.k.device))
-    k_loaded, v_loaded = kv.k[:, slots].clone(), kv.v[:, slots].clone()  # [L, R, Hkv, D]
-    llm.runner.forward([seq])
-    err = (kv.k[:, slots].float() - k_loaded.float()).pow(2).sum(dim=(2, 3)).sqrt().sum(0)
-    err += (kv.v[:, slots].float() - v_loaded.float()).pow(2).sum(dim=(2, 3)).sqrt().sum(0)
-    kv.k[:, slots], kv.v[:, slots] = k_loaded, v_loaded
-    out = torch.zeros(reused.numel())
-    out[pos] = err.cpu()
-    return out
+
+    logits: torch.Tensor
+    recomputed: torch.Tensor
+    num_prefix_hit_tokens: int
+    num_segment_hit_tokens: int
+    compute_fraction: float
+    load_s: float
+    segment_sources: dict[str, int] = field(default_factory=dict)
+    hit_tokens_by_source: dict[str, int] = field(default_factory=dict)
 
 
-def _allocate_blocks(llm: LLM, req: Request, lookup: Lookup, n: int) -> None:
-    """Give ``req`` blocks for its ``n`` prompt tokens.
+class Prefiller:
+    """Runs prefills over one model's KV: built-in methods plus any ``planners`` given (the lab's)."""
 
-    The scheduler admitted the request against the pool's free blocks, but segment hits on cached
-    free blocks took references and left the free list. If the pool comes up short, hand hits
-    back (last first) until the allocation fits: the request then recomputes those segments.
-    """
-    while True:
+    def __init__(
+        self, store: SegmentStore, runner: ModelRunner, spec: ModelSpec,
+        planners: Mapping[str, Planner] | None = None,
+    ) -> None:
+        self.store = store
+        self.runner = runner
+        self.spec = spec
+        self.planners: dict[str, Planner] = {**PLANNERS, **(planners or {})}
+        self.context = PlanContext(spec, store.kv, runner)
+
+    def prefill(self, ids: list[int], opts: ReuseOptions, adm: Admission) -> PrefillResult:
+        """Run ``ids`` with ``opts`` over the blocks and hits of ``adm``."""
+        t0 = time.perf_counter()
+        n, start, table = len(ids), adm.prefix_len, list(adm.block_table)
+        runs = [(h.span.start, h.span.start + h.num_tokens) for h in adm.hits]
+        hit_sources: Counter[str] = Counter()
+        for h in adm.hits:
+            hit_sources[h.span.source] += h.num_tokens
+        reused = torch.zeros(n, dtype=torch.bool)
         try:
-            llm._ensure_blocks(req, n)
-            return
-        except NoFreeBlocksError:
-            if not lookup.hits:
-                raise
-            llm.pool.release(lookup.hits.pop().src_blocks)
+            reused[self.store.load(adm.hits, table)] = True
+        except Exception:
+            self.store.manager.release_hits(adm.hits)  # load releases them only when it completes
+            raise
+        load_s = time.perf_counter() - t0
+        seq = SeqInput(ids[start:], list(range(start, n)), table, n)
+        plan = plan_prefill(opts, ReuseSituation(seq, start, reused, runs), self.context, self.planners)
+        run = run_plan(self.runner, plan)
+        if opts.register:
+            first_reused = min((a for a, _ in runs), default=n)
+            fresh = [
+                s for s in adm.spans
+                if not bool(reused[s.start : s.end].any()) and (s.end <= first_reused or opts.register_after_reuse)
+            ]
+            self.store.publish(ids, table, opts.namespace, first_reused, fresh)
+        return PrefillResult(
+            logits=run.logits, recomputed=run.recomputed, num_prefix_hit_tokens=start,
+            num_segment_hit_tokens=int(reused.sum()),
+            compute_fraction=compute_fraction(plan, run, self.spec.num_layers, n), load_s=load_s,
+            segment_sources=dict(Counter(str(s.source) for s in adm.spans)),
+            hit_tokens_by_source=dict(hit_sources),
+        )
 
-
-def pin_document(llm: LLM, doc: str | list[int], namespace: str, name: str | None) -> str:
-    """Compute ``doc`` alone (after BOS where the model uses one) and pin it as a segment."""
-    toks = llm.tokenizer.encode(doc) if isinstance(doc, str) else [int(t) for t in doc]
-    if not toks:
-        raise ValueError("cannot pin an empty document")
-    ids = llm.tokenizer.with_bos(toks)
-    if len(ids) > llm.spec.max_position:
-        raise ValueError(f"document of {len(ids)} tokens exceeds the context of {llm.spec.max_position}")
-    blocks = llm.pool.allocate(-(-len(ids) // llm.pool.block_size))
-    try:
-        llm.runner.forward([SeqInput(ids, list(range(len(ids))), blocks, len(ids))])
-        span = SegmentSpan(len(ids) - len(toks), len(ids), "pinned", namespace)
-        sids = llm.store.publish(ids, blocks, namespace, len(ids), [span], pinned=True, name=name)
-    finally:
-        llm.pool.release(blocks)
-    if not sids:
-        raise RuntimeError("the KV pool is full; could not pin the document")
-    return sids[0]
+    def pin(self, ids: list[int], num_doc_tokens: int, namespace: str, name: str | None) -> str:
+        """Compute ``ids`` (a document's last ``num_doc_tokens`` tokens after BOS) and pin the document."""
+        pool = self.store.pool
+        blocks = pool.allocate(-(-len(ids) // pool.block_size))
+        try:
+            self.runner.forward([SeqInput(ids, list(range(len(ids))), blocks, len(ids))])
+            span = SegmentSpan(len(ids) - num_doc_tokens, len(ids), "pinned", namespace)
+            sids = self.store.publish(ids, blocks, namespace, len(ids), [span], pinned=True, name=name)
+        finally:
+            pool.release(blocks)
+        if not sids:
+            raise RuntimeError("the KV pool is full; could not pin the document")
+        return sids[0]

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from sparsex.models.attention import attention_probs
+
+QUERY_CHUNK = 256
+"""Non-reused queries scored at a time by ``query_mass`` (bounds the [H, N, T] probability tensor)."""
+
 
 def top_k_reused(scores: torch.Tensor, reused: torch.Tensor, k: int) -> torch.Tensor:
     """Positions of the ``k`` highest ``scores`` among reused positions, ascending.
@@ -23,31 +28,6 @@ def top_k_reused(scores: torch.Tensor, reused: torch.Tensor, k: int) -> torch.Te
     # stable ordering: highest score first, then lowest position
     order = torch.argsort(-s, stable=True)[:k]
     return torch.sort(cand[order]).values
-
-
-def top_segments(scores: torch.Tensor, segment_runs: list[tuple[int, int]], k: int) -> torch.Tensor:
-    """Whole reused segments, highest mean score first, until ``k`` positions are taken.
-
-    The segment that crosses ``k`` contributes its ``k - taken`` highest-scoring positions.
-    Ties break toward the earlier segment. Returns positions ascending.
-    """
-    if k <= 0 or not segment_runs:
-        return torch.zeros(0, dtype=torch.int64)
-    means = torch.stack([scores[a:b].float().mean() for a, b in segment_runs])
-    order = torch.argsort(-means, stable=True).tolist()
-    out, taken = [], 0
-    for i in order:
-        a, b = segment_runs[i]
-        if taken + (b - a) <= k:
-            out.append(torch.arange(a, b))
-            taken += b - a
-        else:
-            best = torch.argsort(-scores[a:b].float(), stable=True)[: k - taken]
-            out.append(a + best)
-            taken = k
-        if taken >= k:
-            break
-    return torch.sort(torch.cat(out)).values
 
 
 def sparse_q_scores(probs: torch.Tensor, length: int) -> torch.Tensor:
@@ -68,6 +48,46 @@ def kv_deviation_scores(fresh: torch.Tensor, cached: torch.Tensor) -> torch.Tens
     fresh, cached: [T, H, D]. Returns [T].
     """
     return (fresh.float() - cached.float()).pow(2).sum(dim=(1, 2)).sqrt()
+
+
+def query_mass(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, fresh: torch.Tensor, *,
+    scale: float, window: int | None,
+) -> torch.Tensor:
+    """Sparse-Q scores over every key from the queries of non-reused tokens.
+
+    q: [N, Hq, D] queries at ``positions`` ([N]); k: [T, Hkv, D] keys at 0..T-1; fresh: [T] bool,
+    the non-reused positions. Rows of ``q`` at fresh positions are scored, ``QUERY_CHUNK`` at a time.
+    Returns [T] float32 on the CPU: ``sparse_q_scores`` summed over those queries.
+    """
+    length = fresh.numel()
+    rows = torch.nonzero(fresh[positions.cpu()]).flatten()
+    scores = torch.zeros(length)
+    for c in range(0, rows.numel(), QUERY_CHUNK):
+        r = rows[c : c + QUERY_CHUNK]
+        probs = attention_probs(q[r], k, positions[r], scale=scale, window=window)  # [H, n_r, T]
+        scores += sparse_q_scores(probs, length).cpu()
+    return scores
+
+
+def normalized(scores: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
+    """Scores divided by their mean over ``among`` ([T] bool), so different signals can be added."""
+    return scores / scores[among].float().mean().clamp_min(1e-12)
+
+
+def deviation_scores(
+    k_fresh: torch.Tensor, k_cached: torch.Tensor, v_fresh: torch.Tensor, v_cached: torch.Tensor,
+    among: torch.Tensor, q_mass: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """blend's score: K deviation + V deviation (+ Sparse-Q mass), each over its mean ``among``.
+
+    k_*, v_*: [T, Hkv, D]; among: [T] bool; q_mass: [T] or None. Returns [T].
+    """
+    total = normalized(kv_deviation_scores(k_fresh, k_cached), among)
+    total = total + normalized(kv_deviation_scores(v_fresh, v_cached), among)
+    if q_mass is not None:
+        total = total + normalized(q_mass.to(total.device), among)
+    return total
 
 
 def runs(mask: torch.Tensor) -> list[tuple[int, int]]:
@@ -116,18 +136,6 @@ def epic_positions(segment_runs: list[tuple[int, int]], tokens: int) -> torch.Te
     """EPIC / LegoLink: the first ``tokens`` positions of every reused segment."""
     pos = [torch.arange(a, min(b, a + tokens)) for a, b in segment_runs]
     return torch.cat(pos) if pos else torch.zeros(0, dtype=torch.int64)
-
-
-def segment_start_prior(segment_runs: list[tuple[int, int]], length: int, scale: float = 32.0) -> torch.Tensor:
-    """[length] prior ``exp(-(p - start) / scale)`` inside every reused segment, 0 elsewhere.
-
-    A segment's first tokens carry most of its KV error once it moves to a new context (the
-    oracle's top tokens fall mostly in the first 64 of each segment), so blend can favour them.
-    """
-    out = torch.zeros(length)
-    for a, b in segment_runs:
-        out[a:b] = torch.exp(-torch.arange(b - a, dtype=torch.float32) / scale)
-    return out
 
 
 def union(*parts: torch.Tensor) -> torch.Tensor:

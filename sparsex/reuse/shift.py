@@ -16,7 +16,7 @@ import torch
 
 from sparsex.kv_cache import KVCache
 from sparsex.models.base import ModelSpec, SeqSlice
-from sparsex.models.rope import RopeTable, _as_pairs
+from sparsex.models.rope import RopeTable, as_pairs
 
 
 def segment_means(delta: torch.Tensor, segment: torch.Tensor, num_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,14 +78,34 @@ def segment_shift(
         if p["targets"].numel() == 0:
             return
         table = spec.rope[layer]
-        src, slots = p["src"], p["src_slots"]
-        k_old, v_old = kv.k[layer].index_select(0, slots).float(), kv.v[layer].index_select(0, slots).float()
-        dk = _as_pairs(k.index_select(0, src).float() - k_old) * rotation(table, "src", p["src_pos"])
-        mean_k, _ = segment_means(dk, p["src_seg"], len(segment_runs))
-        mean_v, _ = segment_means(v.index_select(0, src).float() - v_old, p["src_seg"], len(segment_runs))
-        t_slots, t_seg = p["t_slots"], p["t_seg"]
-        shift_k = torch.view_as_real(mean_k[t_seg] * rotation(table, "targets", p["targets"])).flatten(-2)
-        kv.k[layer].index_add_(0, t_slots, shift_k.to(kv.dtype))
-        kv.v[layer].index_add_(0, t_slots, (weight * mean_v)[t_seg].to(kv.dtype))
+        src = p["src"]
+        k_old, v_old = kv.gather(layer, p["src_slots"])
+        dk, dv = shift_corrections(
+            k.index_select(0, src), v.index_select(0, src), k_old, v_old, p["src_seg"], p["t_seg"],
+            rotation(table, "src", p["src_pos"]), rotation(table, "targets", p["targets"]),
+            len(segment_runs), weight,
+        )
+        kv.add(layer, p["t_slots"], dk, dv)
 
     return adjust
+
+
+def shift_corrections(
+    k_fresh: torch.Tensor, v_fresh: torch.Tensor, k_cached: torch.Tensor, v_cached: torch.Tensor,
+    src_seg: torch.Tensor, target_seg: torch.Tensor, src_unrotate: torch.Tensor, target_rotate: torch.Tensor,
+    num_segments: int, weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The segment shift's K/V corrections for the idle target tokens (pure).
+
+    k_fresh, v_fresh, k_cached, v_cached: [m, Hkv, D] the running reused tokens' fresh and cached K/V.
+    src_seg: [m] their segment ids; target_seg: [t] the targets' segment ids.
+    src_unrotate: [m, 1, D/2] inverse rotations at the sources' positions (keys compared in one frame).
+    target_rotate: [t, 1, D/2] ``weight`` x the rotations at the targets' positions.
+    Returns (dk, dv): [t, Hkv, D] each, float32: ``weight`` x each target's segment mean difference
+    (keys rotated to the target's position).
+    """
+    dk = as_pairs(k_fresh.float() - k_cached.float()) * src_unrotate
+    mean_k, _ = segment_means(dk, src_seg, num_segments)
+    mean_v, _ = segment_means(v_fresh.float() - v_cached.float(), src_seg, num_segments)
+    shift_k = torch.view_as_real(mean_k[target_seg] * target_rotate).flatten(-2)
+    return shift_k, (weight * mean_v)[target_seg]

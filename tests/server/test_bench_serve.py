@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sparsex.bench import serve
+from sparsex.lab.bench import serve
 
 
 def test_bench_serve_smoke(model_dir: Path, tmp_path: Path, capsys: object) -> None:

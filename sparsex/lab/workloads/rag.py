@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import random
 
-from sparsex.segments import Segment
-from sparsex.workloads.common import (
+from sparsex.lab.workloads.common import (
     Params,
     doc_pool,
     frame,
@@ -20,8 +19,9 @@ from sparsex.workloads.common import (
     pick,
     random_code,
 )
-from sparsex.workloads.corpus import topic_title
-from sparsex.workloads.item import Part
+from sparsex.lab.workloads.corpus import topic_title
+from sparsex.lab.workloads.item import Part
+from sparsex.segments import Segment
 
 WARM_SYSTEM = "Read the following document carefully."
 TEST_SYSTEM = "Answer the question using only the documents below."

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import random
 
-from sparsex.segments import Segment
-from sparsex.workloads.common import (
+from sparsex.lab.workloads.common import (
     Params,
     doc_pool,
     frame,
@@ -30,7 +29,8 @@ from sparsex.workloads.common import (
     random_names,
     random_number,
 )
-from sparsex.workloads.item import Part
+from sparsex.lab.workloads.item import Part
+from sparsex.segments import Segment
 
 WARM_SYSTEM = "Read the following text."
 MAX_CHAIN = 5

@@ -1,6 +1,6 @@
 """Load benchmark of the HTTP server: multi-agent and RAG conversations, KV reuse off vs on.
 
-    python -m sparsex.bench.serve --conversations 8 --concurrency 4      # or: sparsex bench serve ...
+    python -m sparsex.lab.bench.serve --conversations 8 --concurrency 4      # or: sparsex bench serve ...
 
 Each run loads a fresh engine, starts the server in-process on a free loopback port and replays
 the same conversation set (generated from ``--seed``) through the openai client, streaming, with
@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sparsex.bench.common import machine, print_table, write_json
+from sparsex.lab.bench.common import machine, print_table, write_json
 from sparsex.server.cli import parse_memory
 from sparsex.server.protocol import reuse_methods
 
@@ -78,7 +78,7 @@ class RequestStats:
 
 def make_conversations(args: argparse.Namespace) -> list[Conversation]:
     """The workload: conversations drawing documents from one shared pool (seeded)."""
-    from sparsex.workloads import passages
+    from sparsex.lab.workloads import passages
 
     rng = random.Random(args.seed)
     pool = passages(args.doc_chars // 2, args.doc_chars, args.seed)[: max(args.docs + 1, args.docs * 2)]

@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any
 
-from sparsex.bench.common import machine, print_table, write_json
+from sparsex.lab.bench.common import machine, print_table, write_json
 
 DEFAULT_METHODS = "naive,epic,cacheblend,sparsex:hybrid=false,sparsex,blend"
 
@@ -29,10 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from sparsex import LLM
-    from sparsex.quality import evaluate_item, parse_method, summarize
-    from sparsex.workloads import make_workload
+    from sparsex.lab.oracle import LAB_PLANNERS
+    from sparsex.lab.quality import evaluate_item, parse_method, summarize
+    from sparsex.lab.workloads import make_workload
 
-    llm = LLM(model=args.model)
+    llm = LLM(model=args.model, planners=LAB_PLANNERS)
     budgets = [float(b) for b in args.budgets.split(",")]
     methods: list[Any] = []
     for b in budgets:

@@ -15,7 +15,7 @@ import argparse
 import statistics
 from typing import Any
 
-from sparsex.bench.common import machine, print_table, write_json
+from sparsex.lab.bench.common import machine, print_table, write_json
 
 
 def layer_sets(num_layers: int, cuts: list[int], width: int) -> dict[str, list[int]]:
@@ -45,10 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     starts = [int(m) for m in args.late_start.split(",") if m.strip()]
 
     from sparsex import LLM
-    from sparsex.quality import layer_kv_effect
-    from sparsex.workloads import make_workload
+    from sparsex.lab.analysis import layer_kv_effect
+    from sparsex.lab.oracle import LAB_PLANNERS
+    from sparsex.lab.workloads import make_workload
 
-    llm = LLM(model=args.model)
+    llm = LLM(model=args.model, planners=LAB_PLANNERS)
     sets = layer_sets(llm.spec.num_layers, [int(c) for c in args.cuts.split(",") if c], args.width)
     report: dict[str, Any] = {"machine": machine(), "model": llm.model_name, "args": vars(args), "workloads": {}}
     for kind in args.workloads.split(","):
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _late_start(llm: Any, kind: str, items: list[Any], starts: list[int]) -> dict[str, Any]:
-    from sparsex.quality import late_start_effect
+    from sparsex.lab.analysis import late_start_effect
 
     runs: dict[str, list[tuple[float, float]]] = {}
     for i, item in enumerate(items):

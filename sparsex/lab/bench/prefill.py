@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from sparsex.bench.common import interleaved_medians, machine, print_table, write_json
+from sparsex.lab.bench.common import interleaved_medians, machine, print_table, write_json
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from sparsex import LLM, SamplingParams
-from sparsex.bench.reuse import load_breakdown, rag_prompt
+from sparsex.lab.bench.reuse import load_breakdown, rag_prompt
 
 
 def test_load_breakdown_moves_the_reused_rows_and_leaks_nothing(tiny_model_dir: Any) -> None:
@@ -26,7 +26,7 @@ def test_load_breakdown_moves_the_reused_rows_and_leaks_nothing(tiny_model_dir: 
 def test_bench_reuse_reports_quality_next_to_ttft(tiny_model_dir: Any, tmp_path: Any) -> None:
     import json
 
-    from sparsex.bench.reuse import main
+    from sparsex.lab.bench.reuse import main
 
     out = tmp_path / "reuse.json"
     assert main(["--model", str(tiny_model_dir("llama")), "--docs", "3", "--doc-tokens", "40", "--repeats", "1",

@@ -7,8 +7,7 @@ from collections import Counter
 
 import pytest
 
-from sparsex.segments import Segment
-from sparsex.workloads import (
+from sparsex.lab.workloads import (
     WORKLOADS,
     WorkItem,
     describe,
@@ -17,7 +16,8 @@ from sparsex.workloads import (
     reused_segments,
     segments_of,
 )
-from sparsex.workloads.item import Part, part_text
+from sparsex.lab.workloads.item import Part, part_text
+from sparsex.segments import Segment
 
 
 def small(kind: str, n: int, seed: int, style: str = "plain", answerable: bool = True) -> list[WorkItem]:

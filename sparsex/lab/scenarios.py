@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from sparsex.bench.common import print_table
-from sparsex.quality import evaluate_item, parse_method
-from sparsex.workloads import make_workload
+from sparsex.lab.bench.common import print_table
+from sparsex.lab.quality import evaluate_item, parse_method
+from sparsex.lab.workloads import make_workload
 
 if TYPE_CHECKING:
     from sparsex.engine import LLM

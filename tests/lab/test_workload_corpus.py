@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sparsex.workloads import passage_records, passages, vocabulary
+from sparsex.lab.workloads import passage_records, passages, vocabulary
 
 
 @pytest.mark.parametrize(("lo", "hi"), [(960, 1440), (200, 300), (40, 60), (4000, 6000)])

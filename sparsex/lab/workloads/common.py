@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from sparsex.lab.workloads.corpus import Passage, passage_records
+from sparsex.lab.workloads.item import Part
 from sparsex.segments import Segment
-from sparsex.workloads.corpus import Passage, passage_records
-from sparsex.workloads.item import Part
 
 T = TypeVar("T")
 

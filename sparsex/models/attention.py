@@ -1,6 +1,8 @@
-"""Attention of an arbitrary set of query positions over one sequence's KV.
+"""Attention of an arbitrary set of query positions over one sequence's KV, and the paged step.
 
-All functions are pure: tensors in, tensors out. The dense causal case (queries
+``attend`` and ``attention_probs`` are pure: tensors in, tensors out. ``paged_attention`` is what a
+model layer calls: it writes the step's fresh K/V into the paged storage (``KVStorage``, declared in
+``models/base.py``) and attends each sequence over its whole KV. The dense causal case (queries
 are exactly positions ``0..T-1``) stays on SDPA's ``is_causal`` fast path; a
 single query at the end needs no mask; otherwise queries run in chunks, each over
 the keys up to its last query with a mask over its own span only — never ``[T, T]``.
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from sparsex.models.base import StepContext
 
 QUERY_CHUNK = 128
 """Queries per SDPA call for scattered queries (measured on 4k keys: 64-128 best, ~2x the
@@ -105,3 +109,41 @@ def attention_probs(
         visible &= k_pos[None, :] > (q_pos[:, None] - window)
     scores = scores.masked_fill(~visible[None], float("-inf"))
     return torch.softmax(scores, dim=-1)
+
+
+def paged_attention(
+    layer: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    step: StepContext,
+    *,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Write this step's fresh K/V, then attend every sequence over its whole KV.
+
+    q: [N, Hq, D]; k, v: [N, Hkv, D] (rotated). Returns [N, Hq, D]. Hooks of the step: a sequence's
+    ``before_write`` sees its fresh K/V before they are written; ``capture_layers`` records the
+    queries and the pre-write K/V (for selection).
+    """
+    kv = step.kv
+    capture = layer in step.capture_layers
+    outs: list[torch.Tensor] = []
+    caps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for s in step.seqs:
+        qs, ks, vs = q[s.start : s.end], k[s.start : s.end], v[s.start : s.end]
+        if step.before_write is not None:
+            step.before_write(layer, s, ks, vs)
+        if capture:
+            k_old, v_old = kv.read(layer, s.read)
+            caps.append((qs, k_old.clone(), v_old.clone()))
+        kv.write(layer, s.slots, ks, vs)
+        if s.dense:  # fresh prefill: attend over the projections themselves, no read-back
+            outs.append(attend(qs, ks, vs, s.positions, scale=scale, window=window, dense_causal=True))
+            continue
+        k_all, v_all = kv.read(layer, s.read)
+        outs.append(attend(qs, k_all, v_all, s.positions, scale=scale, window=window))
+    if capture:
+        step.captured[layer] = caps
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)

@@ -12,9 +12,9 @@ True
 
 from __future__ import annotations
 
-from sparsex.workloads.corpus import Passage, passage_records, passages, vocabulary
-from sparsex.workloads.item import Part, WorkItem, describe, prompt_text, reused_segments, segments_of
-from sparsex.workloads.make import WORKLOADS, make_workload
+from sparsex.lab.workloads.corpus import Passage, passage_records, passages, vocabulary
+from sparsex.lab.workloads.item import Part, WorkItem, describe, prompt_text, reused_segments, segments_of
+from sparsex.lab.workloads.make import WORKLOADS, make_workload
 
 __all__ = [
     "WORKLOADS",

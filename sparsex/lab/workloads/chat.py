@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import random
 
+from sparsex.lab.workloads.common import Markup, Params, doc_pool, merge, pick, random_code
+from sparsex.lab.workloads.corpus import topic_title
+from sparsex.lab.workloads.item import Part
 from sparsex.segments import Segment
-from sparsex.workloads.common import Markup, Params, doc_pool, merge, pick, random_code
-from sparsex.workloads.corpus import topic_title
-from sparsex.workloads.item import Part
 
 VARIANTS = ("window", "system", "both")
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")

@@ -20,10 +20,10 @@ from __future__ import annotations
 import random
 import string
 
+from sparsex.lab.workloads.common import Params, frame, new_order, random_names
+from sparsex.lab.workloads.corpus import vocabulary
+from sparsex.lab.workloads.item import Part
 from sparsex.segments import Segment
-from sparsex.workloads.common import Params, frame, new_order, random_names
-from sparsex.workloads.corpus import vocabulary
-from sparsex.workloads.item import Part
 
 WARM_SYSTEM = "Read the following list of words."
 CHARS_PER_WORD_CWE = 9  # a 4-9 letter word and ", "

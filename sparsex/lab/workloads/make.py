@@ -5,13 +5,13 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from sparsex.workloads.agents import build_agents
-from sparsex.workloads.chat import build_chat
-from sparsex.workloads.common import STYLES, Markup, Params, item_rng
-from sparsex.workloads.item import Part, WorkItem
-from sparsex.workloads.rag import build_rag
-from sparsex.workloads.ruler import build_needle, build_vartrack
-from sparsex.workloads.words import build_cwe, build_fwe
+from sparsex.lab.workloads.agents import build_agents
+from sparsex.lab.workloads.chat import build_chat
+from sparsex.lab.workloads.common import STYLES, Markup, Params, item_rng
+from sparsex.lab.workloads.item import Part, WorkItem
+from sparsex.lab.workloads.rag import build_rag
+from sparsex.lab.workloads.ruler import build_needle, build_vartrack
+from sparsex.lab.workloads.words import build_cwe, build_fwe
 
 WORKLOADS = ("rag", "chat", "agents", "needle", "vartrack", "cwe", "fwe")
 """Every scenario :func:`make_workload` knows."""

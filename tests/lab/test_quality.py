@@ -6,20 +6,22 @@ from __future__ import annotations
 import pytest
 
 from sparsex import LLM
-from sparsex.bench.layers import layer_sets
-from sparsex.quality import evaluate_item, late_start_effect, layer_kv_effect, parse_method, summarize
-from sparsex.workloads import WorkItem, make_workload
+from sparsex.lab.bench.layers import layer_sets
+from sparsex.lab.analysis import late_start_effect, layer_kv_effect
+from sparsex.lab.oracle import LAB_PLANNERS
+from sparsex.lab.quality import evaluate_item, parse_method, summarize
+from sparsex.lab.workloads import WorkItem, make_workload
 
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir) -> LLM:
-    return LLM(model=str(tiny_model_dir("llama")), kv_cache_memory=32 << 20)
+    return LLM(model=str(tiny_model_dir("llama")), kv_cache_memory=32 << 20, planners=LAB_PLANNERS)
 
 
 def test_parse_method_reads_typed_options() -> None:
-    spec = parse_method("blend:narrow_layer=0,candidates=2.5,blend_overflow=false,blend_score=kv", budget=0.3)
-    assert spec.reuse == {"method": "blend", "budget": 0.3, "narrow_layer": 0, "candidates": 2.5,
-                          "blend_overflow": False, "blend_score": "kv"}
+    spec = parse_method("sparsex:narrow_layer=0,candidates=2.5,hybrid=false,epic_tokens=8", budget=0.3)
+    assert spec.reuse == {"method": "sparsex", "budget": 0.3, "narrow_layer": 0, "candidates": 2.5,
+                          "hybrid": False, "epic_tokens": 8}
 
 
 def test_reference_scores_perfectly_and_naive_leaves_a_gap(llm: LLM) -> None:

@@ -13,7 +13,7 @@ import argparse
 import statistics
 from typing import Any
 
-from sparsex.bench.common import machine, print_table, write_json
+from sparsex.lab.bench.common import machine, print_table, write_json
 
 METHODS: list[tuple[str, dict[str, Any]]] = [
     ("none", {"method": "none"}),
@@ -30,7 +30,7 @@ METHODS: list[tuple[str, dict[str, Any]]] = [
 
 def rag_prompt(llm: Any, num_docs: int, doc_tokens: int, seed: int) -> tuple[list[Any], list[str]]:
     from sparsex import Segment
-    from sparsex.workloads import passages
+    from sparsex.lab.workloads import passages
 
     docs = []
     for text in passages(doc_tokens * 4, doc_tokens * 6, seed):
@@ -59,23 +59,24 @@ def load_breakdown(llm: Any, prompt: list[Any], namespace: str, repeats: int) ->
     import torch
 
     from sparsex import SamplingParams
-    from sparsex.reuse.store import auto_spans
+    from sparsex.kv_manager import auto_spans
 
     req = llm.add_request(prompt, SamplingParams(max_tokens=1), reuse={"method": "naive", "namespace": namespace})
     llm.abort(req)  # only its tokens and spans are needed
     ids, n = req.prompt_token_ids, len(req.prompt_token_ids)
     spans = list(req.spans) + auto_spans(n, ids, list(req.spans), namespace)
     store, kv, pool = llm.store, llm.kv, llm.pool
+    ns = req.reuse.namespace
     parts: dict[str, list[float]] = {"lookup": [], "load": [], "copy_floor": []}
     bufs: tuple[torch.Tensor, torch.Tensor] | None = None
     for _ in range(repeats + 1):  # the first round warms up and is dropped
         t0 = time.perf_counter()
-        found = store.lookup(ids, spans, namespace, prefix=True, segments=True)
+        _, prefix_blocks, hits = llm.cache.lookup(ids, spans, ns, prefix=True, segments=True)
         t1 = time.perf_counter()
-        table = list(found.prefix_blocks) + pool.allocate(-(-n // pool.block_size) - len(found.prefix_blocks))
+        table = prefix_blocks + pool.allocate(-(-n // pool.block_size) - len(prefix_blocks))
         try:
             t2 = time.perf_counter()
-            loaded = store.load(found, table)  # releases the hits' source blocks
+            loaded = store.load(hits, table)  # releases the hits' source blocks
             t3 = time.perf_counter()
         finally:
             pool.release(table)
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from sparsex import LLM, SamplingParams
-    from sparsex.quality import kl_divergence
+    from sparsex.lab.quality import kl_divergence
 
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(wanted) - {label for label, _ in METHODS}

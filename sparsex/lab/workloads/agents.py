@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import random
 
+from sparsex.lab.workloads.common import Params, doc_pool, merge, new_order, pick, random_code
+from sparsex.lab.workloads.corpus import split_sentences, topic_title
+from sparsex.lab.workloads.item import Part
 from sparsex.segments import Segment
-from sparsex.workloads.common import Params, doc_pool, merge, new_order, pick, random_code
-from sparsex.workloads.corpus import split_sentences, topic_title
-from sparsex.workloads.item import Part
 
 ROLES = {
     "Planner": "You are the Planner agent. You break the team's task into concrete steps.",

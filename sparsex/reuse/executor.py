@@ -1,0 +1,235 @@
+"""Run a recompute plan: one forward pass, dense in early layers, sparse (the recompute set) after.
+
+    layers   0 .. dense_layers-1      select_layer       .. narrow_layer        .. L-1
+    tokens   every prompt token   ->  probe / capture -> candidates (narrow) -> recompute set R
+
+A ``RecomputePlan`` is immutable data built by ``sparsex.reuse.planner``; ``run_plan`` executes it
+and returns a ``PlanRun`` saying what it ran. Selection happens through the plan's selectors (pure
+functions of the selection layer's attention inputs, ``SelectionInputs``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from sparsex.kv_cache import KVCache
+from sparsex.model_runner import ModelRunner, SeqInput
+from sparsex.models.base import SeqSlice, StepContext
+
+
+@dataclass(frozen=True)
+class SelectionInputs:
+    """The selection layer's attention inputs over the whole sequence (positions 0..T-1).
+
+    layer: the layer index.
+    positions: [N] positions whose queries are in ``q`` (the tokens active at that layer).
+    q: [N, Hq, D] their rotated queries.
+    k_cached, v_cached: [T, Hkv, D] the request's KV before this layer's fresh values were written
+        (aligned cached KV at reused positions).
+    k_fresh, v_fresh: [T, Hkv, D] the same with fresh values at the active positions.
+    """
+
+    layer: int
+    positions: torch.Tensor
+    q: torch.Tensor
+    k_cached: torch.Tensor
+    v_cached: torch.Tensor
+    k_fresh: torch.Tensor
+    v_fresh: torch.Tensor
+
+
+Selector = Callable[[SelectionInputs], torch.Tensor]
+KVAdjust = Callable[[int, SeqSlice, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class RecomputePlan:
+    """A prefill whose later layers run only on a recompute set.
+
+    seq: all prompt tokens after the exact prefix (positions ``P..T-1``), with the block table.
+    dense_layers: layers [0, dense_layers) run for every position in ``seq`` (their fresh KV is written).
+    recompute: positions that run in the remaining layers (used when ``select`` is None), and
+        the probe set run up to ``select_layer`` when ``select`` is given with ``dense_layers == 0``.
+    select: returns the recompute set from the selection layer's inputs; must contain the last position.
+    select_layer: the layer whose attention inputs feed ``select``.
+    probe: True: only project Q/K/V at ``select_layer`` (== dense_layers) for every token, writing
+        nothing, then run that layer sparsely; False: ``select_layer`` runs (densely or for the
+        probe set) and its fresh KV is written before selecting.
+    restore: positions whose KV in dense layers ``1..dense_layers-1`` is put back to what it was
+        before the pass unless they are selected (keeps unselected reused tokens' KV consistent
+        across layers: stale throughout rather than fresh below and stale above). Layer 0 needs no
+        restore: its KV depends on the token and position only.
+    narrow: a second selection (``probe`` plans only): after layer ``narrow_layer`` (> dense_layers)
+        has run for the first selection, returns the subset that runs the remaining layers. With
+        ``restore``, the dropped tokens' KV in layers ``1..narrow_layer`` is put back.
+    adjust: called before each layer from ``adjust_from`` on writes the running tokens' fresh K/V
+        (``StepContext.before_write``): it may correct the cached KV of the tokens that do not run.
+    """
+
+    seq: SeqInput
+    dense_layers: int
+    recompute: torch.Tensor
+    select: Selector | None = None
+    select_layer: int = 0
+    probe: bool = False
+    restore: torch.Tensor | None = None
+    narrow: Selector | None = None
+    narrow_layer: int = 0
+    adjust: KVAdjust | None = None
+    adjust_from: int = 0
+
+    @property
+    def narrows(self) -> bool:
+        return self.narrow is not None and self.probe and self.narrow_layer > self.dense_layers
+
+
+@dataclass(frozen=True)
+class PlanRun:
+    """What ``run_plan`` ran.
+
+    logits: [V] float32 logits of the last prompt position.
+    recomputed: positions that ran the last layer (the final recompute set), ascending.
+    num_candidates: positions that ran layers ``dense_layers..narrow_layer`` (0 without narrowing).
+    """
+
+    logits: torch.Tensor
+    recomputed: torch.Tensor
+    num_candidates: int = 0
+
+
+def run_plan(runner: ModelRunner, plan: RecomputePlan) -> PlanRun:
+    """Run ``plan`` in one forward pass over the runner's model and KV."""
+    with torch.inference_mode():
+        if plan.dense_layers > 0 or plan.probe:
+            return _run_dense_first(runner, plan)
+        return _run_sparse(runner, plan)
+
+
+class _Pass:
+    """Per-pass helpers: contexts for an active set, and selection inputs from the KV."""
+
+    def __init__(self, runner: ModelRunner, plan: RecomputePlan) -> None:
+        self.model, self.kv, self.dev, self.plan = runner.model, runner.kv, runner.device, plan
+        s = plan.seq
+        self.start = s.positions[0]
+        self.tokens = torch.tensor(s.token_ids, dtype=torch.int64, device=self.dev)
+        self.read = self.kv.reader(s.block_table, s.ctx_len, self.dev)
+
+    def context(self, pos: torch.Tensor, capture: int | None, layer: int = -1) -> StepContext:
+        s, plan = self.plan.seq, self.plan
+        sl = SeqSlice(0, pos.numel(), pos, self.kv.slots(s.block_table, pos), self.read, s.ctx_len)
+        caps = frozenset() if capture is None else frozenset({capture})
+        adjust = plan.adjust if layer >= plan.adjust_from else None
+        return StepContext(seqs=[sl], positions=pos, kv=self.kv, capture_layers=caps, before_write=adjust)
+
+    def select_captured(self, selector: Selector, i: int, step: StepContext) -> torch.Tensor:
+        q, kc, vc = step.captured[i][0]
+        kf, vf = self.kv.read(i, self.read)
+        return selector(SelectionInputs(i, step.positions, q, kc, vc, kf, vf)).to(self.dev)
+
+    def select_probe(self, selector: Selector, i: int, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Project Q/K/V of layer ``i`` for every active token without writing, then select."""
+        q, k, v = self.model.qkv(i, x, self.context(pos, None))
+        kc, vc = (t.clone() for t in self.kv.read(i, self.read))
+        kf, vf = kc.clone(), vc.clone()
+        kf[pos], vf[pos] = k.to(kf.dtype), v.to(vf.dtype)
+        return selector(SelectionInputs(i, pos, q, kc, vc, kf, vf)).to(self.dev)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_logits(x[-1:]).float()[0]
+
+
+def _run_dense_first(runner: ModelRunner, plan: RecomputePlan) -> PlanRun:
+    """Dense layers (or a probe) first, then the selected set; optionally narrowed once more."""
+    ps, kv, s = _Pass(runner, plan), runner.kv, plan.seq
+    saved = _save_restore_kv(kv, plan)
+    narrowing = plan.narrows
+    chosen, num_candidates = plan.recompute, 0
+    active = torch.arange(ps.start, s.ctx_len, device=ps.dev)
+    x = ps.model.embed(ps.tokens)
+    for i in range(ps.model.spec.num_layers):
+        if plan.probe and i == plan.select_layer:
+            assert plan.select is not None
+            chosen = ps.select_probe(plan.select, i, x, active)
+        if i == plan.dense_layers:
+            x, active = x[chosen - ps.start], chosen
+            num_candidates = int(chosen.numel())
+            if saved and plan.restore is not None and not narrowing:
+                _restore(kv, s.block_table, plan.restore, chosen, saved)
+        narrow_here = narrowing and i == plan.narrow_layer
+        select_here = plan.select is not None and not plan.probe and i == plan.select_layer
+        step = ps.context(active, i if select_here or narrow_here else None, i)
+        x = ps.model.layer_forward(i, x, step)
+        if select_here:
+            assert plan.select is not None
+            chosen = ps.select_captured(plan.select, i, step)
+        elif narrow_here:
+            assert plan.narrow is not None
+            keep = torch.isin(active, ps.select_captured(plan.narrow, i, step))
+            x, active = x[keep], active[keep]
+            if saved and plan.restore is not None:
+                _restore(kv, s.block_table, plan.restore, active, saved)
+    return PlanRun(ps.logits(x), active, num_candidates if narrowing else 0)
+
+
+def _run_sparse(runner: ModelRunner, plan: RecomputePlan) -> PlanRun:
+    """No dense layer: optionally select at ``select_layer`` from the initial set, then run the set."""
+    ps = _Pass(runner, plan)
+    chosen = plan.recompute
+    if plan.select is not None:  # run the select layer for the initial set only, then choose
+        x = ps.model.embed(ps.tokens[chosen - ps.start])
+        for i in range(plan.select_layer + 1):
+            step = ps.context(chosen, i if i == plan.select_layer else None)
+            x = ps.model.layer_forward(i, x, step)
+        chosen = ps.select_captured(plan.select, plan.select_layer, step)
+    x = ps.model.embed(ps.tokens[chosen - ps.start])
+    for i in range(ps.model.spec.num_layers):
+        x = ps.model.layer_forward(i, x, ps.context(chosen, None, i))
+    return PlanRun(ps.logits(x), chosen)
+
+
+def _save_restore_kv(kv: KVCache, plan: RecomputePlan) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """The KV of ``plan.restore`` in layers 1.. that may be overwritten before the final selection."""
+    if plan.restore is None or not plan.restore.numel():
+        return []
+    slots = kv.slots(plan.seq.block_table, plan.restore.to(kv.k.device))
+    last = plan.narrow_layer + 1 if plan.narrows else plan.dense_layers
+    saved = []
+    for i in range(1, last):
+        k_old, v_old = kv.read(i, slots)
+        saved.append((i, k_old.clone(), v_old.clone()))
+    return saved
+
+
+def _restore(
+    kv: KVCache, table: list[int], positions: torch.Tensor, chosen: torch.Tensor,
+    saved: list[tuple[int, torch.Tensor, torch.Tensor]],
+) -> None:
+    """Write back the saved KV of ``positions`` that were not ``chosen``."""
+    keep = ~torch.isin(positions, chosen.to(positions.device))
+    if not bool(keep.any()):
+        return
+    slots = kv.slots(table, positions[keep].to(kv.k.device))
+    keep = keep.to(kv.k.device)
+    for i, k_old, v_old in saved:
+        kv.write(i, slots, k_old[keep], v_old[keep])
+
+
+def compute_fraction(plan: RecomputePlan, run: PlanRun, num_layers: int, prompt_len: int) -> float:
+    """Fraction of a full prefill's per-layer token work actually done (a dense layer counts in full).
+
+    A probe (Q/K/V projections of every token at one layer) is counted as a quarter layer, about
+    the share of a layer's FLOPs its projections take in these models.
+    """
+    ran, recomputed = len(plan.seq.token_ids), int(run.recomputed.numel())
+    work: float = plan.dense_layers * ran + (num_layers - plan.dense_layers) * recomputed
+    if run.num_candidates:  # the candidates ran dense_layers..narrow_layer
+        work += (plan.narrow_layer + 1 - plan.dense_layers) * (run.num_candidates - recomputed)
+    if plan.probe:
+        work += 0.25 * ran
+    elif plan.dense_layers == 0 and plan.select is not None:
+        work += plan.recompute.numel() * (plan.select_layer + 1)  # the layer-0 pass of the probe set
+    return work / (num_layers * prompt_len)
