@@ -1,10 +1,16 @@
-"""Turn logits into tokens: greedy, temperature, top-k, top-p, per-request seeds."""
+"""Turn logits into tokens: greedy, temperature, top-k, top-p, per-request seeds.
+
+Numerically safe for every ``SamplingParams`` it accepts: the temperature is never below
+``MIN_TEMPERATURE`` (so ``logits / temperature`` stays finite for finite logits), and logits that
+are not finite (a model bug, an overflow) fall back to the argmax of the finite ones instead of
+raising inside the engine step, where one request's failure would end every request of the batch.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from sparsex.sampling_params import SamplingParams
+from sparsex.sampling_params import MIN_TEMPERATURE, SamplingParams
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -19,11 +25,12 @@ def sample(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> tuple[int, float]:
     """logits: [V] float32 -> (token id, its log-probability under the unmodified distribution)."""
+    logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
     if params.greedy:
-        tok = int(torch.argmax(logits))
+        tok = _argmax(logits)
         return tok, float(logprobs[tok])
-    scaled = logits / params.temperature
+    scaled = logits / max(params.temperature, MIN_TEMPERATURE)
     if params.top_k > 0 and params.top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, params.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -34,5 +41,13 @@ def sample(
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         scaled = torch.full_like(scaled, float("-inf")).scatter(0, order, sorted_logits)
     probs = torch.softmax(scaled, dim=-1)
-    tok = int(torch.multinomial(probs, 1, generator=generator))
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0.0:
+        tok = _argmax(logits)  # NaN or inf logits: no distribution to sample from
+    else:
+        tok = int(torch.multinomial(probs, 1, generator=generator))
     return tok, float(logprobs[tok])
+
+
+def _argmax(logits: torch.Tensor) -> int:
+    """The most likely token, ignoring NaN (a NaN would otherwise win ``argmax``)."""
+    return int(torch.argmax(torch.nan_to_num(logits, nan=float("-inf"))))

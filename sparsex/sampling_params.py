@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+MIN_TEMPERATURE = 1e-2
+"""The smallest temperature other than 0 (greedy). Below it, ``logits / temperature`` overflows
+float32 (1e-40 did); and a temperature that small samples the argmax anyway."""
 
 
 @dataclass
@@ -10,7 +15,7 @@ class SamplingParams:
     """How to pick tokens after the prompt.
 
     max_tokens: number of tokens to generate at most.
-    temperature: 0 means greedy.
+    temperature: 0 means greedy; otherwise at least ``MIN_TEMPERATURE`` (a finite number).
     top_p: nucleus sampling mass in (0, 1].
     top_k: keep only the k most likely tokens (0 = no limit).
     seed: per-request random seed for reproducible sampling (None = nondeterministic).
@@ -35,9 +40,12 @@ class SamplingParams:
             self.stop = [self.stop]
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
+        if not math.isfinite(self.temperature) or not (
+            self.temperature == 0.0 or self.temperature >= MIN_TEMPERATURE
+        ):
+            raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, "
+                             f"got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:  # also refuses NaN
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
