@@ -22,6 +22,7 @@ import torch
 
 from sparsex.cache.block_pool import BlockPool, blocks_for_budget
 from sparsex.config import EngineConfig, available_memory_bytes
+from sparsex.detokenize import TextCursor
 from sparsex.kv_cache import KVCache
 from sparsex.kv_manager import Admission, KVCacheManager
 from sparsex.model_runner import ModelRunner, SeqInput
@@ -331,17 +332,17 @@ class LLM:
         return self.run_to_completion([req])[0]
 
     def stream(self, req: Request) -> Iterator[str]:
-        """Drive the engine until ``req`` finishes, yielding its new text as it grows."""
-        sent = 0
-        hold = max((len(s) for s in req.params.stop), default=1) - 1
+        """Drive the engine until ``req`` finishes, yielding its new text as it grows (the text that
+        can no longer change: stop-string holdback and half-decoded characters wait)."""
+        cursor = TextCursor(req.params.stop)
         while not req.finished:
             self.step()
-            safe = len(req.text) if req.finished else max(sent, len(req.text) - hold)
-            if safe > sent:
-                yield req.text[sent:safe]
-                sent = safe
-        if len(req.text) > sent:
-            yield req.text[sent:]
+            if delta := cursor.advance(req.text, finished=req.finished):
+                yield delta
+        if delta := cursor.advance(req.text, finished=True):
+            yield delta
+        if (error := self.error_of(req)) is not None:
+            raise error
 
     def next_token_logprobs(
         self, prompt: Prompt, reuse: str | ReuseOptions | dict[str, Any] | None = None
