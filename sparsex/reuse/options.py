@@ -9,6 +9,8 @@ from typing import Any
 METHODS = ("none", "prefix", "naive", "epic", "cacheblend", "sparsex", "blend")
 """The built-in methods. The evaluation lab adds analysis-only ones (``oracle``) to an engine it
 builds (``LLM(planners=...)``); the server serves only these."""
+SERVING_METHODS = METHODS
+"""What the server offers: the built-in methods, never an analysis-only one."""
 
 
 @dataclass(frozen=True)

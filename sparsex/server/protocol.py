@@ -19,7 +19,7 @@ REUSE_METHODS = ("none", "prefix", "naive", "epic", "cacheblend", "sparsex")
 def reuse_methods() -> tuple[str, ...]:
     """The reuse methods the engine offers."""
     try:
-        from sparsex.reuse.options import METHODS as SERVING_METHODS
+        from sparsex.reuse.options import SERVING_METHODS
     except ImportError:
         return REUSE_METHODS
     return tuple(SERVING_METHODS)
