@@ -25,6 +25,9 @@ from sparsex.cache.hashing import BlockHash
 PressureHook = Callable[[int], None]
 """Called with the number of blocks the pool would like returned to the free list."""
 
+EvictHook = Callable[[int], None]
+"""Called with a block id just before the pool drops that block's published content."""
+
 
 class NoFreeBlocksError(RuntimeError):
     """Raised by :meth:`BlockPool.allocate` when fewer blocks are free than requested."""
@@ -79,6 +82,7 @@ class BlockPool:
       the pressure hook already unpinned stay unpinned, still cached in the LRU).
     - Once pinned blocks exist and an allocation would leave more than ``high_water_blocks`` in use
       (or cannot be served), the pressure hook is asked to unpin some before blocks are taken.
+    - Every dropped hash (reuse of an LRU block, :meth:`clear_cached`) is first told to the evict hook.
     """
 
     def __init__(self, num_blocks: int, block_size: int, high_water: float = 0.9) -> None:
@@ -102,6 +106,7 @@ class BlockPool:
         self._num_pinned = 0
         self._clock = 0
         self._pressure_hook: PressureHook | None = None
+        self._evict_hook: EvictHook | None = None
 
     # ----- sizes -------------------------------------------------------------------------------
 
@@ -158,6 +163,14 @@ class BlockPool:
         if hook is not None and self._pressure_hook is not None:
             raise ValueError("this BlockPool already has a pressure hook")
         self._pressure_hook = hook
+
+    def set_evict_hook(self, hook: EvictHook | None) -> None:
+        """Install the callback told of every evicted block (None removes it), e.g. so an index
+        over block contents can forget it. It runs while the hash is still published and must not
+        call back into this pool."""
+        if hook is not None and self._evict_hook is not None:
+            raise ValueError("this BlockPool already has an evict hook")
+        self._evict_hook = hook
 
     def allocate(self, num_blocks: int) -> list[int]:
         """Take ``num_blocks`` blocks (ref_count 1, no hash): empty ones first, then LRU cached ones."""
@@ -341,6 +354,8 @@ class BlockPool:
     def _evict(self, block: _Block) -> None:
         """Drop a block's published content (lazily, when the block is about to be reused)."""
         if block.block_hash is not None:
+            if self._evict_hook is not None:
+                self._evict_hook(block.block_id)
             del self._by_hash[block.block_hash]
         block.block_hash = None
         block.token_ids = ()

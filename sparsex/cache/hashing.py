@@ -13,6 +13,9 @@ block pool guards against by comparing token ids on every hit):
 Every field is length-prefixed before hashing, so no two different inputs
 serialize to the same bytes (``("ab", "c")`` vs ``("a", "bc")``, parent vs no
 parent, ...).
+
+:func:`rolling_hashes` is the cheap, weak companion (rsync's rolling checksum): a polynomial hash of
+every window of a token list in O(1) per position, used to pick the few windows worth a BLAKE2b.
 """
 
 from __future__ import annotations
@@ -81,3 +84,30 @@ def hash_chain(
         parent = hash_block(parent, token_ids[start : start + block_size], salt, hash_fn)
         hashes.append(parent)
     return hashes
+
+
+ROLLING_MODULUS = (1 << 61) - 1
+"""Mersenne prime modulus of :func:`rolling_hashes` (a 61-bit weak hash)."""
+_ROLLING_BASE = 0x5DEECE66D_1F3D5B79 % ROLLING_MODULUS
+
+
+def rolling_hashes(token_ids: Sequence[int], window: int) -> list[int]:
+    """Weak hash of every ``window``-token window: ``out[i]`` covers ``token_ids[i : i + window]``.
+
+    ``out[i] = sum(token_ids[i + k] * BASE ** (window - 1 - k)) mod (2**61 - 1)``, rolled in O(1)
+    per position, so equal windows always hash equal (anywhere, in any process); unequal windows
+    may collide, so a hit is only a candidate. Empty when the input is shorter than ``window``."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if len(token_ids) < window:
+        return []
+    mod, base = ROLLING_MODULUS, _ROLLING_BASE
+    top = pow(base, window - 1, mod)  # weight of the token leaving the window
+    value = 0
+    for token_id in token_ids[:window]:
+        value = (value * base + token_id) % mod
+    out = [value]
+    for i in range(window, len(token_ids)):
+        value = ((value - token_ids[i - window] * top) * base + token_ids[i]) % mod
+        out.append(value)
+    return out

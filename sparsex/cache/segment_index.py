@@ -15,6 +15,10 @@ hash chain restarts there (parent None), so the same tokens hit at any offset::
 
 Block positions are stored per block: a segment's blocks may have been computed in different
 prompts (a partial hit completed later at another offset).
+
+:meth:`SegmentIndex.match` finds a segment from its first token only. :meth:`SegmentIndex.find_runs`
+finds any run of cached segment tokens at any offset of a plain prompt and of the entry (see
+``run_matcher.py``); every block published here is indexed for it until the pool evicts it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from dataclasses import dataclass
 
 from sparsex.cache.block_pool import BlockPool
 from sparsex.cache.hashing import BlockHash, HashFn, default_hash_fn, hash_block, hash_chain, serialize_block
+from sparsex.cache.run_matcher import RunMatcher
+from sparsex.cache.token_runs import RunMatch
 
 SEGMENT_DOMAIN = "segment"
 """Domain tag in every segment hash, so segment and prefix entries never hit each other."""
@@ -99,6 +105,8 @@ class SegmentIndex:
     - Every block of a pinned segment is pinned once per pinned segment containing it, so it stays
       cached until the segment is unpinned (by :meth:`unpin`, or by the pool's pressure hook,
       least-used first).
+    - Every segment block this index published is in its :class:`RunMatcher` until the pool evicts
+      it (the pool's evict hook), and no other block is.
     """
 
     def __init__(self, pool: BlockPool, model_id: str, hash_fn: HashFn = default_hash_fn) -> None:
@@ -108,11 +116,18 @@ class SegmentIndex:
         self._pinned: dict[str, _PinnedRecord] = {}
         # Pinned segment ids holding each pinned block (dicts as ordered sets).
         self._segments_of_block: dict[int, dict[str, None]] = {}
+        self._runs = RunMatcher(pool.block_size, model_id, hash_fn)
         pool.set_pressure_hook(self._on_pressure)
+        pool.set_evict_hook(self._runs.drop_block)
 
     @property
     def pool(self) -> BlockPool:
         return self._pool
+
+    @property
+    def run_matcher(self) -> RunMatcher:
+        """The any-offset index over this index's published blocks (read-only use)."""
+        return self._runs
 
     # ----- matching ----------------------------------------------------------------------------
 
@@ -137,6 +152,23 @@ class SegmentIndex:
         self._pool.incref(hit.block_ids)
         self._credit_pinned(hit.block_ids)
         return hit
+
+    def find_runs(self, token_ids: Sequence[int], namespace: str, min_run: int | None = None) -> RunMatch:
+        """Every cached run of at least ``min_run`` tokens (default: one block) of a plain prompt.
+
+        A run is prompt tokens equal to a contiguous run of one entry of ``namespace`` (any offset
+        in the prompt, any offset in the entry); runs are disjoint, longest first on overlaps (tie
+        rule in :func:`~sparsex.cache.token_runs.select_runs`). ``min_run`` may not be below
+        ``run_matcher.min_findable_run``. Takes one reference per block of every run, released
+        with :meth:`release_runs` once the KV is copied; hits credit pinned segments."""
+        match = RunMatch(self._runs.find(token_ids, namespace, min_run))
+        self._pool.incref(match.block_ids)
+        self._credit_pinned(match.block_ids)
+        return match
+
+    def release_runs(self, match: RunMatch) -> None:
+        """Give back the references :meth:`find_runs` took for ``match``."""
+        self._pool.release(match.block_ids)
 
     def missing_blocks(self, token_ids: Sequence[int], namespace: str) -> list[int]:
         """Indices of the segment's blocks that are not cached (the ones the engine must store)."""
@@ -174,6 +206,10 @@ class SegmentIndex:
             tokens = self._block_tokens(token_ids, index)
             position = start_pos + index * block_size
             serving[index] = self._pool.register(block_id, hashes[index], tokens, position)
+            info = self._pool.info(block_id)
+            if info.block_hash == hashes[index]:  # published, not a duplicate or a collision
+                parent = hashes[index - 1] if index else None
+                self._runs.add_block(block_id, hashes[index], parent, info.token_ids, position, namespace)
         segment_id: str | None = None
         if pinned:
             for index, block_hash in enumerate(hashes):

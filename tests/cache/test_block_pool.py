@@ -221,6 +221,23 @@ def test_pressure_hook_is_asked_for_the_shortfall_when_allocation_cannot_be_serv
     pool.set_pressure_hook(None)
 
 
+def test_evict_hook_hears_of_every_dropped_hash_while_it_is_still_published() -> None:
+    pool = BlockPool(num_blocks=3, block_size=2)
+    heard: list[tuple[int, bool]] = []
+    pool.set_evict_hook(lambda block_id: heard.append((block_id, pool.info(block_id).block_hash is not None)))
+    assert pool.allocate(3) == [0, 1, 2]
+    publish(pool, 0, 1, 2)
+    publish(pool, 1, 3, 4)
+    pool.release([0, 1, 2])  # 2 holds nothing: back on the empty stack, never "evicted"
+    assert pool.allocate(2) == [2, 1]
+    assert heard == [(1, True)]
+    assert pool.clear_cached() == 1
+    assert heard == [(1, True), (0, True)]
+    with pytest.raises(ValueError, match="already has an evict hook"):
+        pool.set_evict_hook(lambda block_id: None)
+    pool.set_evict_hook(None)
+
+
 def test_clear_cached_evicts_only_free_cached_blocks() -> None:
     pool = BlockPool(num_blocks=3, block_size=1)
     pool.allocate(3)

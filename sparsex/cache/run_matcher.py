@@ -1,0 +1,331 @@
+"""RunMatcher: every cached token run of a prompt, at any offset of the prompt and of the entry.
+
+A segment entry's chain hash restarts at the entry's own start, so :meth:`SegmentIndex.match` only
+finds an entry from its first token. This index instead finds any run of at least ``min_run``
+prompt tokens equal to a contiguous run of a cached entry's tokens, whatever boundaries either was
+cut at (rsync's design: a weak rolling hash at every prompt position, a strong hash on its hits,
+token-by-token verification, then extension in both directions)::
+
+    B = 4, anchor length a = 2; entry E = e0..e9 in blocks 11, 4, 9 (computed at positions 6, 10, 14)
+
+    entry     | e0 e1 e2 e3 | e4 e5 e6 e7 | e8 e9 |
+    blocks    |  block 11   |   block 4   | blk 9 |           the last block may be partial
+    anchors   [e0 e1][e2 e3][e4 e5][e6 e7][e8 e9]             at entry offsets 0, 2, 4, 6, 8
+
+    prompt    x0 x1 x2 x3 x4 e3 e4 e5 e6 e7 e8 y0 ...
+    rolling      hashes of every a-token window; the window at 6 = [e4 e5] hits anchor (block 4,
+                 offset 0), is verified on token ids, extended left to e3 (block 11, offset 3)
+                 across the parent link and right to e8 (block 9) across the child link:
+
+    TokenRun(prompt_start=5, num_tokens=6, block_ids=(11, 4, 9), first_offset=3, positions=(6, 10, 14))
+    (the per-token arithmetic is drawn in token_runs.py)
+
+Why anchors are shorter than a block: a run covering entry offsets ``[e, e + L)`` contains the
+anchor at the first multiple of ``a`` at or after ``e`` whenever ``L >= 2a - 1``; ``a`` divides
+``B`` so no anchor crosses a block. With ``a = 8`` for ``B = 16`` every run of 15 or more tokens
+is found, wherever it starts inside the entry; whole-block anchors would miss runs shorter than
+``2B - 1`` that start mid-block. A tail shorter than ``a`` is no anchor but is reached by extension.
+
+Entries form a forest: a block's parent (the block before it in its entry) is unique, since its
+chain hash covers the parent's; several entries sharing leading blocks give a block several
+children. Extension goes up parents and down the child that matches longest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from sparsex.cache.hashing import BlockHash, HashFn, default_hash_fn, hash_block, rolling_hashes
+from sparsex.cache.token_runs import TokenRun, select_runs
+
+CONTENT_DOMAIN = "segment-content"
+"""Domain tag of anchor content hashes (distinct from the chain hashes' ``"segment"``)."""
+
+WORK_PER_TOKEN = 16
+"""Lookup work allowed per prompt token before hits inside found runs are skipped (see find)."""
+_WORK_FLOOR = 4096
+
+_Item = TypeVar("_Item")
+
+
+@dataclass(frozen=True)
+class _Node:
+    """One indexed block."""
+
+    block_id: int
+    chain_hash: BlockHash
+    parent_hash: BlockHash | None
+    tokens: tuple[int, ...]
+    position: int
+    namespace: str
+    anchors: tuple[tuple[BlockHash, int, int], ...]
+    """``(content hash, rolling hash, offset in block)`` of each anchor, to undo the index."""
+
+
+class RunMatcher:
+    """Index of cached segment blocks by anchor content, and the any-offset run search over it.
+
+    Invariants:
+    - A block is indexed iff it is published in the pool as a segment block (the owner adds it
+      after :meth:`BlockPool.register` and the pool's evict hook drops it), so every indexed block
+      holds exactly ``tokens``; nothing here takes a pool reference.
+    - Anchor content hashes are salted with ``(model_id, namespace, "segment-content")``, and a
+      candidate is verified on token ids and namespace: a hash collision never makes a run, and a
+      run never leaves its namespace (parents and children are checked too).
+    - Every block but an entry's last is full, so run arithmetic is ``k // B`` and ``k % B``.
+    - Results depend only on the indexed content and block ids, never on dict or scan order.
+    """
+
+    def __init__(
+        self, block_size: int, model_id: str, hash_fn: HashFn = default_hash_fn, anchor_len: int | None = None
+    ) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if anchor_len is None:  # the largest divisor of B with 2a - 1 <= B: every B-token run is found
+            anchor_len = max(
+                a for a in range(1, block_size + 1) if block_size % a == 0 and 2 * a - 1 <= block_size
+            )
+        if anchor_len < 1 or block_size % anchor_len:
+            raise ValueError(f"anchor_len must divide block_size {block_size}, got {anchor_len}")
+        self._block_size = block_size
+        self._anchor_len = anchor_len
+        self._model_id = model_id
+        self._hash_fn = hash_fn
+        self._nodes: dict[int, _Node] = {}
+        self._by_chain: dict[BlockHash, int] = {}
+        self._children: dict[BlockHash, dict[int, None]] = {}  # parent chain hash -> child ids
+        self._anchors: dict[BlockHash, dict[tuple[int, int], None]] = {}  # -> (block id, offset)
+        self._weak: dict[str, dict[int, int]] = {}  # namespace -> rolling hash -> number of anchors
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @property
+    def anchor_len(self) -> int:
+        return self._anchor_len
+
+    @property
+    def min_findable_run(self) -> int:
+        """Shortest ``min_run`` accepted: every run this long contains an anchor."""
+        return 2 * self._anchor_len - 1
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of blocks indexed."""
+        return len(self._nodes)
+
+    def __contains__(self, block_id: object) -> bool:
+        return block_id in self._nodes
+
+    # ----- index maintenance -------------------------------------------------------------------
+
+    def add_block(
+        self,
+        block_id: int,
+        chain_hash: BlockHash,
+        parent_hash: BlockHash | None,
+        tokens: Sequence[int],
+        position: int,
+        namespace: str,
+    ) -> None:
+        """Index a newly published segment block (``parent_hash``: its entry's previous block's
+        chain hash, None for an entry's first block). Adding the same block again is a no-op."""
+        known = self._nodes.get(block_id)
+        if known is not None:
+            if known.chain_hash != chain_hash:
+                raise ValueError(f"block {block_id} is indexed under another chain hash; drop it first")
+            return
+        if chain_hash in self._by_chain:
+            raise ValueError(f"chain hash already indexed for block {self._by_chain[chain_hash]}")
+        if not 1 <= len(tokens) <= self._block_size:
+            raise ValueError(f"a block holds 1..{self._block_size} tokens, got {len(tokens)}")
+        a = self._anchor_len
+        token_tuple = tuple(tokens)
+        salt = self._salt(namespace)
+        anchors = tuple(
+            (
+                hash_block(None, token_tuple[o : o + a], salt, self._hash_fn),
+                rolling_hashes(token_tuple[o : o + a], a)[0],
+                o,
+            )
+            for o in range(0, len(token_tuple) - a + 1, a)
+        )
+        self._nodes[block_id] = _Node(
+            block_id, chain_hash, parent_hash, token_tuple, position, namespace, anchors
+        )
+        self._by_chain[chain_hash] = block_id
+        if parent_hash is not None:
+            self._children.setdefault(parent_hash, {})[block_id] = None
+        weak = self._weak.setdefault(namespace, {})
+        for strong, rolling, offset in anchors:
+            self._anchors.setdefault(strong, {})[(block_id, offset)] = None
+            weak[rolling] = weak.get(rolling, 0) + 1
+
+    def drop_block(self, block_id: int) -> None:
+        """Forget a block (the pool's evict hook); unknown ids (prefix blocks, ...) are ignored."""
+        node = self._nodes.pop(block_id, None)
+        if node is None:
+            return
+        del self._by_chain[node.chain_hash]
+        if node.parent_hash is not None:
+            _discard(self._children, node.parent_hash, block_id)
+        weak = self._weak[node.namespace]
+        for strong, rolling, offset in node.anchors:
+            _discard(self._anchors, strong, (block_id, offset))
+            weak[rolling] -= 1
+            if weak[rolling] == 0:
+                del weak[rolling]
+        if not weak:
+            del self._weak[node.namespace]
+
+    # ----- lookup ------------------------------------------------------------------------------
+
+    def find(
+        self, token_ids: Sequence[int], namespace: str, min_run: int | None = None
+    ) -> tuple[TokenRun, ...]:
+        """Disjoint runs of at least ``min_run`` tokens (default: one block), sorted by prompt start.
+
+        Every maximal match of ``token_ids`` against an entry of ``namespace`` is a candidate; they
+        are chosen by :func:`select_runs` (longest first). Takes no references."""
+        min_run = self._block_size if min_run is None else min_run
+        if min_run < self.min_findable_run:
+            raise ValueError(
+                f"min_run must be >= {self.min_findable_run} (anchor length {self._anchor_len}), got {min_run}"
+            )
+        tokens = tuple(token_ids)
+        weak = self._weak.get(namespace)
+        if weak is None or len(tokens) < min_run:
+            return ()
+        return tuple(
+            select_runs(self._candidates(tokens, namespace, weak, min_run), min_run, self._block_size)
+        )
+
+    def _candidates(
+        self, tokens: tuple[int, ...], namespace: str, weak: dict[int, int], min_run: int
+    ) -> list[TokenRun]:
+        """The maximal run through every verified anchor hit, each diagonal extended once.
+
+        Exact while the work (anchor pairs examined + tokens extended) stays within
+        ``WORK_PER_TOKEN`` per prompt token. Past that, which takes content repeated many times
+        in the cache (one token over and over), hits inside a run already found are skipped: runs
+        stay verified and disjoint, but a longer overlapping alternative may be missed."""
+        a, salt = self._anchor_len, self._salt(namespace)
+        budget = WORK_PER_TOKEN * len(tokens) + _WORK_FLOOR
+        work, reach = 0, 0  # every run found so far starts at or before i and ends at or before reach
+        found: list[TokenRun] = []
+        passed: set[tuple[int, int, int]] = set()  # (prompt position, block id, offset) already in a run
+        for i, rolling in enumerate(rolling_hashes(tokens, a)):
+            if rolling not in weak or (work > budget and i + a <= reach):  # mostly: no strong hash
+                continue
+            window = tokens[i : i + a]
+            for block_id, offset in sorted(
+                self._anchors.get(hash_block(None, window, salt, self._hash_fn), {})
+            ):
+                work += 1
+                node = self._nodes[block_id]
+                if (i, block_id, offset) in passed or node.namespace != namespace:
+                    continue
+                if node.tokens[offset : offset + a] != window:  # a hash collision: never a match
+                    continue
+                if work > budget and i + a <= reach:
+                    break
+                run = self._extend(tokens, i, node, offset)
+                work += run.num_tokens
+                reach = max(reach, run.prompt_end)
+                self._mark_anchors(run, passed)
+                if run.num_tokens >= min_run:
+                    found.append(run)
+        return found
+
+    def _extend(self, tokens: tuple[int, ...], i: int, node: _Node, offset: int) -> TokenRun:
+        """Grow the verified match of prompt position ``i`` <-> (``node``, ``offset``) both ways."""
+        start, first, first_offset, before = i, node, offset, []
+        while True:
+            k = _common_suffix(tokens, start, first.tokens, first_offset)
+            start, first_offset = start - k, first_offset - k
+            if first_offset > 0 or start == 0:
+                break
+            parent = self._parent(first)
+            if parent is None or parent.tokens[-1] != tokens[start - 1]:
+                break
+            before.append(parent)
+            first, first_offset = parent, len(parent.tokens)
+        end, last, last_offset, after = i, node, offset, []
+        while True:
+            k = _common_prefix(tokens, end, last.tokens, last_offset)
+            end, last_offset = end + k, last_offset + k
+            if last_offset < len(last.tokens) or end == len(tokens):
+                break
+            child = self._best_child(last, tokens, end)
+            if child is None:
+                break
+            after.append(child)
+            last, last_offset = child, 0
+        path = [*reversed(before), node, *after]
+        return TokenRun(
+            start, end - start, tuple(n.block_id for n in path), first_offset, tuple(n.position for n in path)
+        )
+
+    def _parent(self, node: _Node) -> _Node | None:
+        parent_id = None if node.parent_hash is None else self._by_chain.get(node.parent_hash)
+        parent = None if parent_id is None else self._nodes[parent_id]
+        if parent is None or parent.namespace != node.namespace or len(parent.tokens) != self._block_size:
+            return None
+        return parent
+
+    def _best_child(self, node: _Node, tokens: tuple[int, ...], start: int) -> _Node | None:
+        """The child matching most tokens from ``start`` (ties: the smallest block id), or None."""
+        best: _Node | None = None
+        best_len = 0
+        for child_id in sorted(self._children.get(node.chain_hash, {})):
+            child = self._nodes[child_id]
+            if child.namespace == node.namespace:
+                length = _common_prefix(tokens, start, child.tokens, 0)
+                if length > best_len:
+                    best, best_len = child, length
+        return best
+
+    def _mark_anchors(self, run: TokenRun, passed: set[tuple[int, int, int]]) -> None:
+        """Record every anchor the run passes through: a hit there would extend to this same run."""
+        a, block_size = self._anchor_len, self._block_size
+        for index, block_id in enumerate(run.block_ids):
+            block_start = run.prompt_start + index * block_size - run.first_offset  # prompt pos of slot 0
+            for offset in range(0, len(self._nodes[block_id].tokens) - a + 1, a):
+                if run.prompt_start <= block_start + offset and block_start + offset + a <= run.prompt_end:
+                    passed.add((block_start + offset, block_id, offset))
+
+    def _salt(self, namespace: str) -> tuple[str, ...]:
+        return (self._model_id, namespace, CONTENT_DOMAIN)
+
+
+def _common_prefix(a: tuple[int, ...], a_start: int, b: tuple[int, ...], b_start: int) -> int:
+    """How many tokens ``a[a_start:]`` and ``b[b_start:]`` share from their starts."""
+    limit = min(len(a) - a_start, len(b) - b_start)
+    if a[a_start : a_start + limit] == b[b_start : b_start + limit]:  # the common case, in C
+        return limit
+    k = 0
+    while a[a_start + k] == b[b_start + k]:
+        k += 1
+    return k
+
+
+def _common_suffix(a: tuple[int, ...], a_end: int, b: tuple[int, ...], b_end: int) -> int:
+    """How many tokens ``a[:a_end]`` and ``b[:b_end]`` share from their ends."""
+    limit = min(a_end, b_end)
+    if a[a_end - limit : a_end] == b[b_end - limit : b_end]:
+        return limit
+    k = 0
+    while a[a_end - 1 - k] == b[b_end - 1 - k]:
+        k += 1
+    return k
+
+
+def _discard(index: dict[BlockHash, dict[_Item, None]], key: BlockHash, item: _Item) -> None:
+    """Remove ``item`` from the ordered set ``index[key]``, and the set once it is empty."""
+    members = index[key]
+    del members[item]
+    if not members:
+        del index[key]
