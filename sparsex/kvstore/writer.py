@@ -1,7 +1,7 @@
 """``BackgroundWriter``: store writes off the request path, in one thread, with a bounded queue.
 
-    request path ──submit(key, value)──▶ [ bounded queue ] ──thread──▶ TieredStore.put
-                     never blocks: when the queue is full, the write is dropped and counted
+    request path ──submit(key, bytes)──────▶ [ bounded queue ] ──thread──▶ (encode) TieredStore.put
+                 ──submit_entry(key, KVEntry)─▶  never blocks: when full, the write is dropped and counted
 
 Dropping is safe: a missing entry is only a later miss (a recompute), never a wrong answer.
 ``flush`` waits for pending writes; ``close`` (also at process exit, via ``atexit``, and at the end
@@ -18,6 +18,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from types import TracebackType
 
+from sparsex.kvstore.codec import KVEntry, StorageDtype, encode_entry
 from sparsex.kvstore.metrics import StoreMetrics
 from sparsex.kvstore.tiers import TieredStore
 
@@ -27,7 +28,11 @@ log = logging.getLogger("sparsex.kvstore")
 @dataclass(frozen=True)
 class _Write:
     key: str
-    value: bytes
+    value: bytes | None
+    """Encoded bytes, or None: encode ``entry`` in the writer thread."""
+    entry: KVEntry | None
+    storage: StorageDtype
+    num_bytes: int
     tiers: Collection[str] | None
 
 
@@ -74,16 +79,29 @@ class BackgroundWriter:
 
     def submit(self, key: str, value: bytes, tiers: Collection[str] | None = None) -> bool:
         """Queue a write to ``tiers`` (default: all); False if it was dropped (queue full or closed)."""
+        return self._enqueue(_Write(key, value, None, "float32", len(value), tiers))
+
+    def submit_entry(
+        self, key: str, entry: KVEntry, storage: StorageDtype, tiers: Collection[str] | None = None
+    ) -> bool:
+        """Like ``submit``, but encoding (cast + checksum, ~1 s for 94 MB) also happens in the thread.
+
+        ``entry``'s tensors must be the caller's own copy: the thread reads them later.
+        """
+        num_bytes = entry.keys.nbytes + entry.values.nbytes  # an upper bound on the encoded K/V
+        return self._enqueue(_Write(key, None, entry, storage, num_bytes, tiers))
+
+    def _enqueue(self, item: _Write) -> bool:
         with self._cond:
             if self._closed:
                 reason = "closed"
             elif len(self._queue) >= self.max_pending or (
-                self._queue and self._pending_bytes + len(value) > self.max_pending_bytes
+                self._queue and self._pending_bytes + item.num_bytes > self.max_pending_bytes
             ):
                 reason = "queue_full"
             else:
-                self._queue.append(_Write(key, value, tiers))
-                self._pending_bytes += len(value)
+                self._queue.append(item)
+                self._pending_bytes += item.num_bytes
                 self.metrics.queued(1)
                 self._cond.notify_all()
                 return True
@@ -99,11 +117,15 @@ class BackgroundWriter:
                 if not self._queue:  # closed and drained
                     return
                 item = self._queue.popleft()
-                self._pending_bytes -= len(item.value)
+                self._pending_bytes -= item.num_bytes
                 self._busy = True
             self.metrics.queued(-1)
             try:
-                self.store.put(item.key, item.value, item.tiers)
+                value = item.value
+                if value is None:
+                    assert item.entry is not None
+                    value = encode_entry(item.entry, item.storage)
+                self.store.put(item.key, value, item.tiers)
             except Exception:  # a tier bug must not kill the writer: later writes still matter
                 log.exception("kv store: background write of %s failed", item.key)
             with self._cond:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from sparsex.kvstore import BackgroundWriter, DiskTier, StoreMetrics, TieredStore
+from sparsex.kvstore import BackgroundWriter, DiskTier, StoreMetrics, TieredStore, encode_entry, entry_key
+from tests.kvstore.test_codec import expect_of, make_entry
 
 
 class BlockingTier:
@@ -102,6 +103,16 @@ def test_close_gives_up_on_a_stuck_tier(registry: CollectorRegistry) -> None:
     assert not writer.close(timeout=0.05)  # returns although k0 is still being written
     assert dropped(registry, "closed") == 1  # k1 abandoned
     tier.gate.set()
+
+
+def test_submit_entry_encodes_in_the_thread(tmp_path: Path, registry: CollectorRegistry) -> None:
+    entry = make_entry()
+    key = entry_key(entry.fingerprint, entry.namespace, entry.content_hash)
+    store = TieredStore([DiskTier(tmp_path, max_bytes=1 << 20)], StoreMetrics(registry))
+    with BackgroundWriter(store) as writer:
+        assert writer.submit_entry(key, entry, "float16")
+    loaded = store.load(key, expect_of(entry))
+    assert loaded is not None and loaded.value == encode_entry(entry, "float16")
 
 
 def test_tier_selection(tmp_path: Path, registry: CollectorRegistry) -> None:
