@@ -188,7 +188,10 @@ def decode_entry(data: bytes, expect: EntryExpectation) -> KVEntry:
     offset = _HEADER.size
     strings = []
     for length in lengths:
-        strings.append(bytes(view[offset : offset + length]).decode("utf-8"))
+        try:
+            strings.append(bytes(view[offset : offset + length]).decode("utf-8"))
+        except UnicodeDecodeError as err:  # a checksum is no signature: a crafted value gets here
+            raise CorruptEntry(f"header string is not UTF-8: {err}") from err
         offset += length
     fingerprint, namespace, content_hash = strings
     for field, got, want in (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import struct
 import subprocess
 import sys
@@ -116,6 +117,15 @@ def test_lying_header_is_corrupt_not_a_crash() -> None:
     struct.pack_into("<H", data, 4, 99)  # a future version
     with pytest.raises(CorruptEntry, match="version"):
         decode_entry(bytes(data), expect_of(entry))
+
+
+def test_bad_utf8_with_a_valid_checksum_is_corrupt() -> None:
+    data = bytearray(encode_entry(make_entry()))
+    data[36] = 0xFF  # first byte of the fingerprint
+    body = bytes(data[:-CHECKSUM_BYTES])
+    forged = body + hashlib.blake2b(body, digest_size=CHECKSUM_BYTES).digest()
+    with pytest.raises(CorruptEntry, match="UTF-8"):
+        decode_entry(forged, expect_of(make_entry()))
 
 
 @pytest.mark.parametrize("field", ["fingerprint", "namespace", "content_hash", "token_ids"])
