@@ -1,11 +1,15 @@
-"""``create_app(llm)``: the FastAPI application (routes, errors, lifespan).
+"""``create_app(llm, config)``: the FastAPI application (routes, auth, errors, lifespan).
 
-    routes (this file) -> OpenAIServing / SegmentService -> EngineLoop (one thread) -> LLM
+    ServerMiddleware (requests in flight, /metrics by route template)
+      -> routes (this file): admission, API key -> tenant, bounded JSON body
+        -> OpenAIServing / SegmentService -> EngineLoop (one thread) -> LLM
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -14,13 +18,16 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from sparsex.server.config import ServerConfig
 from sparsex.server.engine_api import context_limit
 from sparsex.server.engine_loop import EngineLoop
-from sparsex.server.metrics import ServerMetrics
-from sparsex.server.protocol import APIError, validation_error
+from sparsex.server.lifecycle import Lifecycle, ServerMiddleware
+from sparsex.server.limits import read_json
+from sparsex.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from sparsex.server.protocol import APIError, reuse_methods, validation_error
 from sparsex.server.segments import SegmentService
 from sparsex.server.serving import OpenAIServing
 
@@ -30,26 +37,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("sparsex.server")
 
 
-def create_app(
-    llm: ServedLLM,
-    *,
-    max_queue: int = 256,
-    served_model_name: str | None = None,
-    default_max_tokens: int = 256,
-    default_reuse: str | None = None,
-) -> FastAPI:
+def create_app(llm: ServedLLM, config: ServerConfig | None = None, **options: Any) -> FastAPI:
     """An OpenAI-compatible server over ``llm``; the engine thread lives as long as the app's lifespan.
 
-    max_queue: most engine requests in flight (waiting + running); past it requests get 429.
-    served_model_name: the model id clients must send (default: ``llm.model_name``).
-    default_max_tokens: ``max_tokens`` for requests that give none.
-    default_reuse: reuse method for requests whose ``sparsex.reuse`` is absent.
+    config: the server's options (``ServerConfig``); ``options`` override single fields of it,
+        e.g. ``create_app(llm, max_queue=8, default_max_tokens=16)``.
+    The app's ``state.lifecycle`` drains it (``DrainingServer`` calls that on SIGTERM).
     """
-    engine = EngineLoop(llm, max_queue=max_queue)
-    metrics = ServerMetrics()
-    model_name = served_model_name or llm.model_name
-    serving = OpenAIServing(llm, engine, metrics, model_name, default_max_tokens, default_reuse)
-    segments = SegmentService(llm, engine)
+    cfg = dataclasses.replace(config or ServerConfig(), **options)
+    engine = EngineLoop(llm, max_queue=cfg.max_queue)
+    metrics = ServerMetrics(reuse_methods(), hide_cache_usage=cfg.hide_cache_usage)
+    lifecycle = Lifecycle(engine, cfg.shutdown_grace_s)
+    model_name = cfg.served_model_name or llm.model_name
+    serving = OpenAIServing(llm, engine, metrics, model_name, cfg)
+    segments = SegmentService(engine)
     started = int(time.time())
 
     @asynccontextmanager
@@ -60,27 +61,35 @@ def create_app(
         finally:
             await asyncio.to_thread(engine.stop)
 
-    app = FastAPI(title="SparseX", version="0.1.0", lifespan=lifespan)
+    # redirect_slashes=False: "/v1/segments/%2F" is a 404 for segment "/", not a 307 elsewhere.
+    app = FastAPI(title="SparseX", version="0.1.0", lifespan=lifespan, redirect_slashes=False)
     app.state.llm = llm
     app.state.engine = engine
     app.state.metrics = metrics
-    _install_error_handlers(app, metrics)
+    app.state.lifecycle = lifecycle
+    app.state.config = cfg
+    app.add_middleware(ServerMiddleware, lifecycle=lifecycle, metrics=metrics)
+    _install_error_handlers(app)
 
-    def ok(request: Request, body: dict[str, Any]) -> JSONResponse:
-        metrics.count_http(request.url.path, 200)
-        return JSONResponse(body)
+    def admit(request: Request) -> str | None:
+        """The request's tenant; 401 without a valid key, 503 while shutting down."""
+        tenant = cfg.tenants.authenticate(request.headers.get("authorization"))
+        if lifecycle.draining:
+            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+        return tenant
+
+    async def body_of(request: Request) -> dict[str, Any]:
+        return await read_json(request, cfg.max_body_bytes, cfg.max_json_depth)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        response = await serving.chat(request)
-        metrics.count_http(request.url.path, response.status_code)
-        return response
+        tenant = admit(request)
+        return await serving.chat(await body_of(request), request, tenant)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        response = await serving.completions(request)
-        metrics.count_http(request.url.path, response.status_code)
-        return response
+        tenant = admit(request)
+        return await serving.completions(await body_of(request), request, tenant)
 
     def model_card() -> dict[str, Any]:
         return {"id": model_name, "object": "model", "created": started, "owned_by": "sparsex",
@@ -88,60 +97,72 @@ def create_app(
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> JSONResponse:
-        return ok(request, {"object": "list", "data": [model_card()]})
+        admit(request)
+        return JSONResponse({"object": "list", "data": [model_card()]})
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str, request: Request) -> JSONResponse:
+        admit(request)
         serving.check_model(model)
-        return ok(request, model_card())
+        return JSONResponse(model_card())
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        if lifecycle.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
         if not engine.is_alive:
             return JSONResponse({"status": "engine not running"}, status_code=503)
         return JSONResponse({"status": "ok", "model": model_name, "requests_inflight": engine.num_inflight})
 
     @app.get("/metrics")
-    async def prometheus() -> PlainTextResponse:
-        text = metrics.render(llm, engine)
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+    async def prometheus(request: Request) -> Response:
+        if cfg.metrics == "off":
+            raise APIError(404, "metrics are off on this server", type="not_found_error", code="not_found")
+        if cfg.metrics == "key":
+            scheme, _, key = (request.headers.get("authorization") or "").partition(" ")
+            expected = f"{cfg.metrics_key}".encode()
+            if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), expected):
+                raise APIError(401, "/metrics needs the metrics key ('Authorization: Bearer <key>')",
+                               code="invalid_api_key")
+        return Response(metrics.render(llm, engine), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/segments")
     async def pin_segments(request: Request) -> JSONResponse:
-        return ok(request, await segments.create(await request.body()))
+        tenant = admit(request)
+        return JSONResponse(await segments.create(await body_of(request), tenant))
 
     @app.get("/v1/segments")
     async def list_segments(request: Request) -> JSONResponse:
-        return ok(request, await segments.list(request.query_params.get("namespace")))
+        tenant = admit(request)
+        return JSONResponse(await segments.list(tenant, request.query_params.get("namespace")))
 
-    @app.delete("/v1/segments/{segment_id}")
+    @app.delete("/v1/segments/{segment_id:path}")
     async def delete_segment(segment_id: str, request: Request) -> JSONResponse:
-        return ok(request, await segments.delete(segment_id))
+        tenant = admit(request)
+        return JSONResponse(await segments.delete(segment_id, tenant))
 
     return app
 
 
-def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
-    """Every error leaves as OpenAI-style JSON; bad input is a 4xx, never a 500 or a traceback."""
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as OpenAI-style JSON; bad input is a 4xx, never a 500 or a traceback.
 
-    def reply(request: Request, err: APIError) -> JSONResponse:
-        metrics.count_http(request.url.path, err.status)
-        return JSONResponse(err.body(), status_code=err.status)
+    (An unexpected exception becomes a 500 in ``ServerMiddleware``.)
+    """
+
+    def reply(err: APIError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return reply(request, exc)
+        return reply(exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return reply(request, validation_error(exc.errors()))
+        return reply(validation_error(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return reply(request, APIError(exc.status_code, str(exc.detail), type=kind))
-
-    @app.exception_handler(Exception)
-    async def internal(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return reply(request, APIError(500, "internal server error", type="server_error", code="internal_error"))
+        return reply(APIError(exc.status_code, str(exc.detail), type=kind))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import re
 
+from sparsex.server.auth import Tenants
+from sparsex.server.config import ServerConfig
 from sparsex.server.protocol import reuse_methods
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -39,6 +41,46 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--default-max-tokens", type=int, default=256,
                         help="max_tokens for requests that do not set it")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sec = parser.add_argument_group("tenants and security (see sparsex/server/README.md)")
+    sec.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' (one tenant, named 'default')")
+    sec.add_argument("--api-keys", default=None, metavar="FILE",
+                     help="keys file, lines 'KEY TENANT' (# comments): each key's tenant has its own caches "
+                          "and segments")
+    sec.add_argument("--metrics", choices=["open", "off"], default=None,
+                     help="/metrics for anyone (open) or nobody (off); default: open without API keys, "
+                          "off with them (unless --metrics-key)")
+    sec.add_argument("--metrics-key", default=None, help="/metrics only with 'Authorization: Bearer KEY'")
+    sec.add_argument("--hide-cache-usage", action="store_true",
+                     help="omit cache hit fields from responses and cache counters from /metrics")
+    sec.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest request body (400 beyond)")
+    sec.add_argument("--max-json-depth", type=int, default=32, help="deepest JSON nesting (400 beyond)")
+    sec.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
+                     help="on SIGTERM, how long running requests may finish before they end with an error")
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """The ``ServerConfig`` of ``sparsex serve``'s arguments (raises ValueError / OSError)."""
+    tenants = Tenants.load(args.api_key, args.api_keys)
+    if args.metrics_key is not None:
+        if args.metrics is not None:
+            raise ValueError("give --metrics or --metrics-key, not both")
+        metrics = "key"
+    else:  # with API keys, the server-wide counters are nobody's business by default
+        metrics = args.metrics or ("off" if tenants.enabled else "open")
+    return ServerConfig(
+        max_queue=args.max_queue,
+        served_model_name=args.served_model_name,
+        default_max_tokens=args.default_max_tokens,
+        default_reuse=args.reuse,
+        tenants=tenants,
+        metrics=metrics,
+        metrics_key=args.metrics_key,
+        hide_cache_usage=args.hide_cache_usage,
+        max_body_bytes=args.max_body_bytes,
+        max_json_depth=args.max_json_depth,
+        shutdown_grace_s=args.shutdown_grace,
+    )
 
 
 def serve_main(args: argparse.Namespace) -> None:
@@ -46,17 +88,15 @@ def serve_main(args: argparse.Namespace) -> None:
 
     from sparsex.engine import LLM
     from sparsex.server.app import create_app
+    from sparsex.server.lifecycle import DrainingServer
 
+    config = server_config(args)  # before loading the model: a bad keys file fails fast
     kwargs = {} if args.kv_cache_memory is None else {"kv_cache_memory": args.kv_cache_memory}
     llm = LLM(model=args.model, device=args.device, **kwargs)
-    app = create_app(
-        llm,
-        max_queue=args.max_queue,
-        served_model_name=args.served_model_name,
-        default_max_tokens=args.default_max_tokens,
-        default_reuse=args.reuse,
-    )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    app = create_app(llm, config)
+    # uvicorn's own graceful timeout only matters after the drain, when nothing is left to wait for.
+    uv = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    DrainingServer(uv, app.state.lifecycle).run()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,36 +1,93 @@
-"""What the server needs from the engine, as a Protocol that ``sparsex.LLM`` satisfies.
+"""What the server needs from the engine: the ``ServedLLM`` Protocol, which ``sparsex.LLM`` satisfies.
 
-The server is typed against this interface, not against the engine class: the engine may grow
-(reuse methods, pinned segments: found with ``hasattr`` / ``inspect``) without touching the server.
+The server is typed against this interface, not against the engine class, and probes nothing at
+run time: a method the server calls is listed here with its signature, and mypy checks that
+``sparsex.LLM`` has it (``tests/server/test_engine_api.py``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
-from sparsex.cache.block_pool import BlockPool
 from sparsex.request import Request
+from sparsex.reuse.options import ReuseOptions
+from sparsex.sampling_params import SamplingParams
 from sparsex.tokenizer import Tokenizer
+
+
+class ModelLimits(Protocol):
+    """The part of the model spec the server reads."""
+
+    @property
+    def max_position(self) -> int:
+        """The context length in tokens."""
+        ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+
+class PoolCounters(Protocol):
+    """The KV block pool's counters, read (at scrape time) by ``/metrics``."""
+
+    @property
+    def num_blocks(self) -> int: ...
+
+    @property
+    def num_free_blocks(self) -> int: ...
+
+    @property
+    def num_pinned_blocks(self) -> int: ...
+
+    @property
+    def usage(self) -> float: ...
 
 
 class ServedLLM(Protocol):
     """The engine calls the server makes, all from the engine thread (the engine is not thread-safe).
 
-    spec: the model spec; the server reads ``max_position`` (context limit) only.
+    reuse: the engine's default reuse options; the server reads ``reuse.namespace``.
     """
 
     model_name: str
     tokenizer: Tokenizer
-    pool: BlockPool
-    spec: Any
+    reuse: ReuseOptions
 
-    def add_tokenized(self, *args: Any, **kwargs: Any) -> Request: ...
+    @property
+    def spec(self) -> ModelLimits: ...
+
+    @property
+    def pool(self) -> PoolCounters: ...
+
+    def add_tokenized(
+        self,
+        ids: list[int],
+        params: SamplingParams,
+        spans: Sequence[Any] = (),
+        request_id: str | None = None,
+        reuse: str | ReuseOptions | dict[str, Any] | None = None,
+    ) -> Request: ...
 
     def step(self) -> list[Request]: ...
 
     def abort(self, req: Request) -> None: ...
 
     def has_unfinished(self) -> bool: ...
+
+    def cache_segments(
+        self, docs: Sequence[str | list[int]], namespace: str = "", names: Sequence[str] | None = None
+    ) -> list[str]:
+        """Pin documents; returns their segment ids."""
+        ...
+
+    def uncache_segments(self, segment_ids: Sequence[str]) -> int:
+        """Unpin segments; returns how many were found."""
+        ...
+
+    def list_segments(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Pinned segments: ``{"id", "name", "namespace", "num_tokens", "num_blocks", "num_hits"}``."""
+        ...
 
 
 def context_limit(llm: ServedLLM) -> int:

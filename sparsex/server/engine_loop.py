@@ -6,6 +6,7 @@
           <─ future resolved (call_soon_threadsafe)
     await events.get()   <─ TokenEvent per step ── llm.step() while there is work
     abort(submission)    ── inbox ──────────────> llm.abort(req): blocks freed at once
+    abort_all()          ── inbox ──────────────> every tracked request aborted (shutdown)
     await call(fn)       ── inbox ──────────────> fn(llm) (segment pinning, ...)
 
 Continuous batching is the engine's: requests added between two steps join the next decode batch.
@@ -104,11 +105,15 @@ class _Abort:
     request_ids: list[str]
 
 
+class _AbortAll:
+    pass
+
+
 class _Stop:
     pass
 
 
-_Command = _Add | _Call | _Abort | _Stop
+_Command = _Add | _Call | _Abort | _AbortAll | _Stop
 
 
 def _resolve(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
@@ -135,6 +140,7 @@ class EngineLoop:
         self._lock = threading.Lock()
         self._num_inflight = 0  # guarded by _lock
         self._closed = False  # guarded by _lock
+        self._admitting = True  # guarded by _lock; False once draining: submit refuses, call still works
         self._thread: threading.Thread | None = None
         self._tracked: dict[str, _Tracked] = {}  # engine thread only
         self.num_aborted = 0  # requests aborted before they finished (written by the engine thread)
@@ -160,6 +166,17 @@ class EngineLoop:
         if thread is not None:
             thread.join(timeout)
 
+    def close_admission(self) -> None:
+        """Refuse new submissions (EngineStoppedError); requests in flight go on (a draining server)."""
+        with self._lock:
+            self._admitting = False
+
+    def abort_all(self) -> None:
+        """Abort every request in flight, including those whose ``submit`` is still queued."""
+        with self._lock:
+            if not self._closed:
+                self._inbox.put(_AbortAll())
+
     @property
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -181,7 +198,7 @@ class EngineLoop:
         loop = asyncio.get_running_loop()
         cmd = _Add(add, num_requests, loop, loop.create_future(), asyncio.Queue())
         with self._lock:
-            if self._closed:
+            if self._closed or not self._admitting:
                 raise EngineStoppedError("the server is shutting down")
             if self._num_inflight + num_requests > self.max_queue:
                 raise QueueFullError(
@@ -249,15 +266,21 @@ class EngineLoop:
             for rid in cmd.request_ids:
                 t = self._tracked.get(rid)
                 if t is not None:
-                    self.num_aborted += 1
-                    self.llm.abort(t.req)
-                    self._emit(t)
+                    self._abort(t)
+        elif isinstance(cmd, _AbortAll):
+            for t in list(self._tracked.values()):
+                self._abort(t)
         elif isinstance(cmd, _Call):
             try:
                 result, exc = cmd.fn(self.llm), None
             except Exception as e:  # handed to the caller, who maps it to an HTTP error
                 result, exc = None, e
             self._reply(cmd.loop, cmd.future, result, exc)
+
+    def _abort(self, t: _Tracked) -> None:
+        self.num_aborted += 1
+        self.llm.abort(t.req)
+        self._emit(t)
 
     def _add(self, cmd: _Add) -> None:
         try:
@@ -334,7 +357,5 @@ class EngineLoop:
 
     def _shutdown(self) -> None:
         for t in list(self._tracked.values()):
-            self.num_aborted += 1
-            self.llm.abort(t.req)
-            self._emit(t)
+            self._abort(t)
         # Commands queued before the stop marker were already executed; none can follow it.

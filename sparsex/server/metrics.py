@@ -1,128 +1,105 @@
-"""Prometheus metrics in the text exposition format, written by hand (no client library needed).
+"""``GET /metrics`` through ``prometheus_client`` (one registry per app).
 
-Counters and histograms are updated on the event loop thread only (when a request finishes);
-KV pool gauges are read at scrape time.
+Every label set is bounded: HTTP requests are labelled with the route *template*
+(``/v1/segments/{segment_id}``, or ``unmatched``), a method from a fixed list and the status code,
+never the raw path, so a client cannot inject lines or grow the exposition. Counters and histograms
+are updated on the event loop thread; engine and KV pool gauges are read at scrape time.
+
+With ``hide_cache_usage`` the cache counters (prefix / segment hit tokens, recomputed tokens,
+recompute fraction) are not registered at all: they would show other users' activity.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
     from sparsex.request import RequestMetrics
     from sparsex.server.engine_api import ServedLLM
     from sparsex.server.engine_loop import EngineLoop
 
+__all__ = ["CONTENT_TYPE_LATEST", "ServerMetrics"]
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 FRACTION_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 0.9, 1.0)
-
-
-@dataclass
-class Histogram:
-    """Cumulative-bucket histogram; ``counts[i]`` counts observations <= ``buckets[i]``."""
-
-    buckets: Sequence[float]
-    counts: list[int] = field(default_factory=list)
-    total: float = 0.0
-    num: int = 0
-
-    def __post_init__(self) -> None:
-        self.counts = [0] * len(self.buckets)
-
-    def observe(self, value: float) -> None:
-        self.total += value
-        self.num += 1
-        for i, b in enumerate(self.buckets):
-            if value <= b:
-                self.counts[i] += 1
-
-    def render(self, name: str, help_text: str) -> list[str]:
-        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-        for b, c in zip(self.buckets, self.counts, strict=True):
-            lines.append(f'{name}_bucket{{le="{b}"}} {c}')
-        lines += [f'{name}_bucket{{le="+Inf"}} {self.num}', f"{name}_sum {self.total}", f"{name}_count {self.num}"]
-        return lines
-
-
-def _labels(pairs: tuple[tuple[str, str], ...]) -> str:
-    inner = ",".join(f'{k}="{v}"' for k, v in pairs)
-    return f"{{{inner}}}" if inner else ""
+METHODS = ("GET", "POST", "DELETE")
+FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
 class ServerMetrics:
-    """Everything ``GET /metrics`` reports."""
+    """Everything ``GET /metrics`` reports.
 
-    def __init__(self) -> None:
-        self.http_requests: Counter[tuple[tuple[str, str], ...]] = Counter()
-        self.finished: Counter[tuple[tuple[str, str], ...]] = Counter()
-        self.num_rejected = 0
-        self.num_prompt_tokens = 0
-        self.num_generation_tokens = 0
-        self.num_prefix_hit_tokens = 0
-        self.num_segment_hit_tokens = 0
-        self.num_recomputed_tokens = 0
-        self.ttft = Histogram(LATENCY_BUCKETS)
-        self.latency = Histogram(LATENCY_BUCKETS)
-        self.compute_fraction = Histogram(FRACTION_BUCKETS)
+    reuse_methods: the label values of ``reuse`` (anything else counts as ``other``).
+    hide_cache_usage: leave out the cache counters (see the module doc).
+    """
 
-    def count_http(self, path: str, status: int) -> None:
-        self.http_requests[(("path", path), ("status", str(status)))] += 1
+    def __init__(self, reuse_methods: tuple[str, ...] = (), hide_cache_usage: bool = False) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.reuse_methods = frozenset(reuse_methods)
+        r = self.registry
+        self.http = Counter("sparsex_http_requests", "HTTP requests by route template, method and status.",
+                            ["route", "method", "status"], registry=r)
+        self.finished = Counter("sparsex_requests", "Finished engine requests by finish reason and reuse method.",
+                                ["finish_reason", "reuse"], registry=r)
+        self.rejected = Counter("sparsex_requests_rejected", "Requests refused with 429 (queue full).", registry=r)
+        self.aborted = Counter("sparsex_requests_aborted", "Engine requests aborted (client gone, shutdown).",
+                               registry=r)
+        self._num_aborted_seen = 0
+        self.inflight = Gauge("sparsex_requests_inflight", "Engine requests waiting or running.", registry=r)
+        self.prompt_tokens = Counter("sparsex_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
+        self.generation_tokens = Counter("sparsex_generation_tokens", "Generated tokens.", registry=r)
+        self.ttft = Histogram("sparsex_time_to_first_token_seconds", "Time to first token.",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram("sparsex_e2e_request_latency_seconds", "Arrival to last token.",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.cache: dict[str, Counter] = {}
+        self.compute_fraction: Histogram | None = None
+        if not hide_cache_usage:
+            for name, text in (("prefix_hit", "Prompt tokens served by the exact prefix cache."),
+                               ("segment_hit", "Prompt tokens whose KV came from cached segments."),
+                               ("recomputed", "Prompt tokens recomputed.")):
+                self.cache[name] = Counter(f"sparsex_{name}_tokens", text, registry=r)
+            self.compute_fraction = Histogram("sparsex_recompute_fraction",
+                                              "Fraction of a full prefill's work done per request.",
+                                              buckets=FRACTION_BUCKETS, registry=r)
+        self.kv_usage = Gauge("sparsex_kv_cache_usage", "Fraction of KV blocks in use.", registry=r)
+        self.kv_blocks = Gauge("sparsex_kv_blocks", "KV blocks by state (total, free, pinned).",
+                               ["state"], registry=r)
+
+    def count_http(self, route: str, method: str, status: int) -> None:
+        """One HTTP request; ``route`` must be a route template (or ``unmatched``), never a raw path."""
+        self.http.labels(route, method if method in METHODS else "other", str(status)).inc()
         if status == 429:
-            self.num_rejected += 1
+            self.rejected.inc()
 
     def observe_request(self, m: RequestMetrics, finish_reason: str | None) -> None:
         """One engine request finished (every choice of an ``n > 1`` request counts)."""
-        self.finished[(("finish_reason", finish_reason or "unknown"), ("reuse", m.reuse))] += 1
-        self.num_prompt_tokens += m.num_prompt_tokens
-        self.num_generation_tokens += m.num_generated_tokens
-        self.num_prefix_hit_tokens += m.num_prefix_hit_tokens
-        self.num_segment_hit_tokens += m.num_segment_hit_tokens
-        self.num_recomputed_tokens += m.num_recomputed_tokens
+        reason = finish_reason if finish_reason in FINISH_REASONS else "other"
+        self.finished.labels(reason, m.reuse if m.reuse in self.reuse_methods else "other").inc()
+        self.prompt_tokens.inc(m.num_prompt_tokens)
+        self.generation_tokens.inc(m.num_generated_tokens)
         if m.num_generated_tokens > 0:
             self.ttft.observe(m.ttft_s)
         self.latency.observe(m.latency_s)
-        self.compute_fraction.observe(m.compute_fraction)
+        if self.cache:
+            self.cache["prefix_hit"].inc(m.num_prefix_hit_tokens)
+            self.cache["segment_hit"].inc(m.num_segment_hit_tokens)
+            self.cache["recomputed"].inc(m.num_recomputed_tokens)
+        if self.compute_fraction is not None:
+            self.compute_fraction.observe(m.compute_fraction)
 
-    def render(self, llm: ServedLLM, engine: EngineLoop) -> str:
-        lines: list[str] = []
-
-        def scalar(name: str, kind: str, help_text: str, value: float) -> None:
-            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"])
-
-        def labelled(name: str, help_text: str, values: Counter[tuple[tuple[str, str], ...]]) -> None:
-            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} counter"])
-            lines.extend(f"{name}{_labels(k)} {v}" for k, v in sorted(values.items()))
-
-        labelled("sparsex_http_requests_total", "HTTP requests by path and status code.", self.http_requests)
-        labelled("sparsex_requests_total", "Finished engine requests by finish reason and reuse method.",
-                 self.finished)
-        scalar("sparsex_requests_rejected_total", "counter", "Requests refused with 429 (queue full).",
-               self.num_rejected)
-        scalar("sparsex_requests_aborted_total", "counter", "Requests aborted (client gone, shutdown).",
-               engine.num_aborted)
-        scalar("sparsex_requests_inflight", "gauge", "Engine requests waiting or running.", engine.num_inflight)
-        scalar("sparsex_prompt_tokens_total", "counter", "Prompt tokens of finished requests.",
-               self.num_prompt_tokens)
-        scalar("sparsex_generation_tokens_total", "counter", "Generated tokens.", self.num_generation_tokens)
-        scalar("sparsex_prefix_hit_tokens_total", "counter", "Prompt tokens served by the exact prefix cache.",
-               self.num_prefix_hit_tokens)
-        scalar("sparsex_segment_hit_tokens_total", "counter", "Prompt tokens whose KV came from cached segments.",
-               self.num_segment_hit_tokens)
-        scalar("sparsex_recomputed_tokens_total", "counter", "Prompt tokens recomputed.",
-               self.num_recomputed_tokens)
-        lines += self.ttft.render("sparsex_time_to_first_token_seconds", "Time to first token.")
-        lines += self.latency.render("sparsex_e2e_request_latency_seconds", "Arrival to last token.")
-        lines += self.compute_fraction.render(
-            "sparsex_recompute_fraction", "Fraction of a full prefill's work done per request."
-        )
+    def render(self, llm: ServedLLM, engine: EngineLoop) -> bytes:
+        """The exposition, with the engine and pool gauges read now."""
+        num_aborted = engine.num_aborted  # counted by the engine thread
+        self.aborted.inc(max(0, num_aborted - self._num_aborted_seen))
+        self._num_aborted_seen = max(self._num_aborted_seen, num_aborted)
+        self.inflight.set(engine.num_inflight)
         pool = llm.pool
-        scalar("sparsex_kv_cache_usage", "gauge", "Fraction of KV blocks in use.", pool.usage)
-        scalar("sparsex_kv_blocks_total", "gauge", "KV blocks in the pool.", pool.num_blocks)
-        scalar("sparsex_kv_blocks_free", "gauge", "KV blocks free (empty or cached, evictable).",
-               pool.num_free_blocks)
-        scalar("sparsex_kv_blocks_pinned", "gauge", "KV blocks held by pinned segments.",
-               getattr(pool, "num_pinned_blocks", 0))
-        return "\n".join(lines) + "\n"
+        self.kv_usage.set(pool.usage)
+        self.kv_blocks.labels("total").set(pool.num_blocks)
+        self.kv_blocks.labels("free").set(pool.num_free_blocks)
+        self.kv_blocks.labels("pinned").set(pool.num_pinned_blocks)
+        return bytes(generate_latest(self.registry))

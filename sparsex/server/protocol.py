@@ -3,14 +3,23 @@
 Bodies are validated by pydantic models here (not by FastAPI's signature magic), so that every
 bad input becomes one ``APIError`` with status 400 and the offending ``param``; fields the server
 does not implement (``tools``, ``presence_penalty``, ...) are accepted and ignored.
+
+Types are strict (``n: "2"`` or ``stream: "yes"`` is a 400, not coerced) and numbers finite.
+The raw body is bounded and parsed in ``limits.py``.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+
+from sparsex.sampling_params import MIN_TEMPERATURE
+
+# Every body model: no coercion, no inf / NaN; unknown fields ignored unless a model forbids them.
+STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_NAMESPACE_CHARS = 256
 
 # The reuse methods of SPEC.md, used when the engine does not list its own (sparsex.reuse.options).
 REUSE_METHODS = ("none", "prefix", "naive", "epic", "cacheblend", "sparsex")
@@ -62,15 +71,15 @@ class SparsexOptions(BaseModel):
     budget: recompute budget, a fraction of the reused tokens in [0, 1].
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     reuse: str | None = None
-    namespace: str | None = None
+    namespace: str | None = Field(default=None, max_length=MAX_NAMESPACE_CHARS)
     budget: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     include_usage: bool = False
 
@@ -78,7 +87,7 @@ class StreamOptions(BaseModel):
 class _SamplingFields(BaseModel):
     """Fields shared by chat and text completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -86,21 +95,31 @@ class _SamplingFields(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0)  # vLLM-style extension
     n: int = Field(default=1, ge=1, le=128)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[StrictInt] | None = None  # vLLM-style extension
+    stop: str | list[str] | None = Field(default=None, max_length=16)
+    stop_token_ids: list[StrictInt] | None = Field(default=None, max_length=256)  # vLLM-style extension
     ignore_eos: bool = False  # vLLM-style extension
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 64)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    cache_salt: str | None = None
+    cache_salt: str | None = Field(default=None, max_length=MAX_NAMESPACE_CHARS)
     sparsex: SparsexOptions | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_not_tiny(cls, v: float | None) -> float | None:
+        if v is not None and 0.0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}")
+        return v
 
     @field_validator("stop")
     @classmethod
     def _stops_not_empty(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if v == "" or (isinstance(v, list) and any(not s for s in v)):
+        stops = [v] if isinstance(v, str) else v or []
+        if any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")
+        if any(len(s) > 1024 for s in stops):
+            raise ValueError("stop strings must be at most 1024 characters")
         return v
 
     def stop_list(self) -> list[str]:
@@ -112,9 +131,9 @@ class _SamplingFields(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
 
@@ -156,10 +175,10 @@ class CompletionRequest(_SamplingFields):
 class SegmentsRequest(BaseModel):
     """``POST /v1/segments``: documents to pin; each is a string or ``{"text": ..., "name": ...}``."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
-    documents: list[str | dict[str, Any]] = Field(min_length=1)
-    namespace: str = ""
+    documents: list[str | dict[str, Any]] = Field(min_length=1, max_length=64)
+    namespace: str = Field(default="", max_length=MAX_NAMESPACE_CHARS)
 
     def texts(self) -> list[str]:
         out = []
@@ -172,23 +191,18 @@ class SegmentsRequest(BaseModel):
 
     def names(self) -> list[str] | None:
         """Optional display names (``""`` where a document has none); None when no document has one."""
-        names = [str(d.get("name") or "") if isinstance(d, dict) else "" for d in self.documents]
+        names = []
+        for i, d in enumerate(self.documents):
+            name = d.get("name") if isinstance(d, dict) else None
+            if name is not None and not isinstance(name, str):
+                raise bad_request("a document's name must be a string", f"documents[{i}].name")
+            names.append(name or "")
         return names if any(names) else None
 
 
 # ----- parsing -----------------------------------------------------------------------------------
 
 M = TypeVar("M", bound=BaseModel)
-
-
-def parse_json(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise bad_request(f"malformed JSON body: {e}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object", code="invalid_json")
-    return body
 
 
 def parse_body(model: type[M], body: dict[str, Any]) -> M:

@@ -1,17 +1,22 @@
 """OpenAI response bodies and SSE chunks, built from the per-choice state of engine events.
 
-Streaming holds back the last ``len(longest stop) - 1`` characters (a stop string may still be
-completing there) and a trailing U+FFFD (a UTF-8 character split across tokens), so text already
-sent never has to be taken back.
+Streaming sends text through ``sparsex.detokenize.TextCursor``: it holds back the last
+``len(longest stop) - 1`` characters (a stop string may still be completing there) and a trailing
+U+FFFD (a UTF-8 character split across tokens), so text already sent never has to be taken back.
+
+``Head.hide_cache_usage`` leaves the cache fields out of usage and the ``sparsex`` block: whether a
+prompt hit the cache tells a client what someone else sent before (see README, security notes).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sparsex.detokenize import TextCursor
 from sparsex.server.protocol import APIError
 
 if TYPE_CHECKING:
@@ -53,51 +58,57 @@ class ChoiceState:
 
 @dataclass(frozen=True)
 class Head:
-    """The fields every response / chunk of one HTTP request shares; ``n`` choices per prompt."""
+    """The fields every response / chunk of one HTTP request shares; ``n`` choices per prompt.
+
+    hide_cache_usage: leave out the cache fields (usage details, compute fraction).
+    """
 
     id: str
     created: int
     model: str
     n: int
+    hide_cache_usage: bool = False
 
 
-class TextCursor:
-    """How much of a choice's text was streamed; returns only text that can no longer change."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.sent = 0
-
-    def advance(self, text: str, finished: bool) -> str:
-        end = len(text) if finished else len(text) - self.hold
-        while not finished and end > self.sent and text[end - 1] == "\ufffd":
-            end -= 1
-        if end <= self.sent:
-            return ""
-        delta, self.sent = text[self.sent : end], end
-        return delta
+def failure(finish_reason: str | None) -> APIError | None:
+    """The error a choice that ended this way reports (None for ``stop`` / ``length``)."""
+    if finish_reason == "error":
+        return APIError(500, "the engine failed while serving this request", type="server_error",
+                        code="engine_error")
+    if finish_reason == "abort":
+        return APIError(503, "the request was aborted (the client went away or the server is shutting down)",
+                        type="server_error", code="aborted")
+    return None
 
 
 def raise_for_failed(states: list[ChoiceState]) -> None:
-    if any(s.finish_reason == "error" for s in states):
-        raise APIError(500, "the engine failed while serving this request", type="server_error",
-                       code="engine_error")
-    if any(s.finish_reason == "abort" for s in states):
-        raise APIError(503, "the request was aborted (client gone or server shutting down)",
-                       type="server_error", code="aborted")
+    for reason in ("error", "abort"):
+        err = failure(reason) if any(s.finish_reason == reason for s in states) else None
+        if err is not None:
+            raise err
 
 
-def usage(states: list[ChoiceState], n: int) -> dict[str, Any]:
+def _logprob(value: float) -> float:
+    """A JSON-safe logprob: -inf / NaN (probability 0, broken logits) become -9999.0, as in OpenAI's API."""
+    return value if math.isfinite(value) else -9999.0
+
+
+def usage(states: list[ChoiceState], n: int, hide_cache_usage: bool = False) -> dict[str, Any]:
     """Token counts; a prompt's counts come once, from its first choice (the others share it)."""
     prompt = [s.metrics for s in states[::n] if s.metrics is not None]
     num_prompt = sum(m.num_prompt_tokens for m in prompt)
     num_completion = sum(len(s.token_ids) for s in states)
     prefix = sum(m.num_prefix_hit_tokens for m in prompt)
     segment = sum(m.num_segment_hit_tokens for m in prompt)
-    return {
+    counts = {
         "prompt_tokens": num_prompt,
         "completion_tokens": num_completion,
         "total_tokens": num_prompt + num_completion,
+    }
+    if hide_cache_usage:
+        return counts
+    return {
+        **counts,
         "prompt_tokens_details": {"cached_tokens": prefix + segment},
         "prefix_hit_tokens": prefix,
         "segment_hit_tokens": segment,
@@ -105,11 +116,13 @@ def usage(states: list[ChoiceState], n: int) -> dict[str, Any]:
     }
 
 
-def sparsex_info(states: list[ChoiceState]) -> dict[str, Any]:
+def sparsex_info(states: list[ChoiceState], hide_cache_usage: bool = False) -> dict[str, Any]:
     """Extension: how the prompts were served (reuse method, work done, TTFT)."""
     ms = [s.metrics for s in states if s.metrics is not None]
     if not ms:
         return {}
+    if hide_cache_usage:
+        return {"reuse": ms[0].reuse}
     return {
         "reuse": ms[0].reuse,
         "compute_fraction": min(m.compute_fraction for m in ms),
@@ -123,7 +136,7 @@ def sparsex_info(states: list[ChoiceState]) -> dict[str, Any]:
 def _chat_logprobs(texts: list[str], logprobs: list[float], top: int) -> dict[str, Any]:
     entries = []
     for t, lp in zip(texts, logprobs, strict=True):
-        entry = {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+        entry = {"token": t, "logprob": _logprob(lp), "bytes": list(t.encode("utf-8", "replace"))}
         # The engine reports only the sampled token's logprob; it is the one "top" entry we know.
         entries.append({**entry, "top_logprobs": [entry] if top > 0 else []})
     return {"content": entries}
@@ -139,8 +152,8 @@ def _envelope(
         "created": head.created,
         "model": head.model,
         "choices": choices,
-        "usage": usage(states, head.n),
-        "sparsex": sparsex_info(states),
+        "usage": usage(states, head.n, head.hide_cache_usage),
+        "sparsex": sparsex_info(states, head.hide_cache_usage),
     }
 
 
@@ -164,8 +177,8 @@ def sse(payload: dict[str, Any]) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
-def _sse_error(status: int, message: str, code: str) -> str:
-    return sse(APIError(status, message, type="server_error", code=code).body())
+def sse_error(err: APIError) -> str:
+    return sse(err.body())
 
 
 async def chat_stream(
@@ -181,9 +194,9 @@ async def chat_stream(
             role = {"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                     "finish_reason": None}
             yield sse({**base, "choices": [role], **extra})
-        if s.finish_reason in ("error", "abort"):
-            yield _sse_error(500 if s.finish_reason == "error" else 503, f"request {s.finish_reason}ed",
-                             f"engine_{s.finish_reason}")
+        err = failure(s.finish_reason)
+        if err is not None:
+            yield sse_error(err)
             yield SSE_DONE
             return
         delta = cursors[s.index].advance(s.text, s.finished)
@@ -195,7 +208,7 @@ async def chat_stream(
         if s.finished:
             done.append(s)
     if include_usage:
-        yield sse({**base, "choices": [], "usage": usage(sorted(done, key=lambda s: s.index), head.n)})
+        yield sse({**base, "choices": [], "usage": usage(sorted(done, key=lambda s: s.index), head.n, head.hide_cache_usage)})
     yield SSE_DONE
 
 
@@ -209,8 +222,8 @@ def _completion_logprobs(texts: list[str], logprobs: list[float], top: int, offs
         offset += len(t)
     return {
         "tokens": texts,
-        "token_logprobs": logprobs,
-        "top_logprobs": [{t: lp} for t, lp in zip(texts, logprobs, strict=True)] if top > 0 else None,
+        "token_logprobs": [_logprob(lp) for lp in logprobs],
+        "top_logprobs": [{t: _logprob(lp)} for t, lp in zip(texts, logprobs, strict=True)] if top > 0 else None,
         "text_offset": offsets,
     }
 
@@ -237,9 +250,9 @@ async def completion_stream(
     offsets: dict[int, int] = {}
     done: list[ChoiceState] = []
     async for s in events:
-        if s.finish_reason in ("error", "abort"):
-            yield _sse_error(500 if s.finish_reason == "error" else 503, f"request {s.finish_reason}ed",
-                             f"engine_{s.finish_reason}")
+        err = failure(s.finish_reason)
+        if err is not None:
+            yield sse_error(err)
             yield SSE_DONE
             return
         cursor = cursors.setdefault(s.index, TextCursor(stops))
@@ -254,5 +267,5 @@ async def completion_stream(
         if s.finished:
             done.append(s)
     if include_usage:
-        yield sse({**base, "choices": [], "usage": usage(sorted(done, key=lambda s: s.index), head.n)})
+        yield sse({**base, "choices": [], "usage": usage(sorted(done, key=lambda s: s.index), head.n, head.hide_cache_usage)})
     yield SSE_DONE

@@ -1,136 +1,74 @@
-"""Pinned segments: ``POST/GET /v1/segments``, ``DELETE /v1/segments/{id}``.
+"""Pinned segments: ``POST/GET /v1/segments``, ``DELETE /v1/segments/{id}``, scoped to the tenant.
 
-Thin wrappers over the engine's ``cache_segments`` / ``list_segments`` / ``uncache_segments``,
-run on the engine thread. An engine without them answers 501; whatever they return (ids,
-dataclasses, dicts) is turned into JSON objects with ``"object": "segment"``.
+Thin wrappers over the engine's ``cache_segments`` / ``list_segments`` / ``uncache_segments``, run
+on the engine thread. A tenant's documents are pinned in its own namespace (``auth.namespace_for``);
+it lists only its own segments, with namespaces as it named them, and another tenant's segment id
+is a 404, the same as an id that does not exist.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from sparsex.server.auth import client_namespace, namespace_for, owns
 from sparsex.server.engine_loop import EngineLoop
-from sparsex.server.protocol import APIError, SegmentsRequest, bad_request, parse_body, parse_json
+from sparsex.server.protocol import APIError, SegmentsRequest, bad_request, parse_body
 
 if TYPE_CHECKING:
     from sparsex.server.engine_api import ServedLLM
 
 
-def _require(llm: ServedLLM, method: str) -> Callable[..., Any]:
-    """The engine's segment method ``method``, or a 501 when the engine lacks it."""
-    fn: Callable[..., Any] | None = getattr(llm, method, None)
-    if not callable(fn):
-        raise APIError(501, f"this engine does not support pinned segments (LLM.{method} is missing)",
-                       type="not_implemented_error", code="not_implemented")
-    return fn
-
-
-def _fields(item: Any) -> dict[str, Any]:
-    """An engine segment record as a dict with an ``id`` (raw values, not yet JSON-safe)."""
-    if dataclasses.is_dataclass(item) and not isinstance(item, type):
-        out = {f.name: getattr(item, f.name) for f in dataclasses.fields(item)}
-    elif isinstance(item, dict):
-        out = dict(item)
-    elif hasattr(item, "__dict__"):
-        out = {k: v for k, v in vars(item).items() if not k.startswith("_")}
-    else:
-        out = {"id": item}
-    if "id" not in out:
-        for key in ("segment_id", "seg_id", "key"):
-            if key in out:
-                out["id"] = out[key]
-                break
+def segment_json(tenant: str | None, seg: dict[str, Any]) -> dict[str, Any]:
+    """An engine segment record as the tenant sees it."""
+    out = {"object": "segment", **seg, "id": str(seg["id"])}
+    if "namespace" in out:
+        out["namespace"] = client_namespace(tenant, str(out["namespace"]))
     return out
 
 
-def segment_json(item: Any) -> dict[str, Any]:
-    out = _fields(item)
-    if "id" in out and not isinstance(out["id"], (str, int)):
-        out["id"] = str(out["id"])
-    return {"object": "segment", **{k: v for k, v in out.items() if _is_jsonable(v)}}
+def _own_segments(llm: ServedLLM, tenant: str | None) -> list[dict[str, Any]]:
+    return [s for s in llm.list_segments() if owns(tenant, str(s.get("namespace", "")))]
 
 
-def _is_jsonable(v: Any) -> bool:
-    if v is None or isinstance(v, (str, int, float, bool)):
-        return True
-    if isinstance(v, (list, tuple)):
-        return all(_is_jsonable(x) for x in v)
-    if isinstance(v, dict):
-        return all(isinstance(k, str) and _is_jsonable(x) for k, x in v.items())
-    return False
-
-
-def _as_list(result: Any) -> list[Any]:
-    if result is None:
-        return []
-    if isinstance(result, dict):
-        return [{"id": k, **(v if isinstance(v, dict) else {"value": v})} for k, v in result.items()]
-    if isinstance(result, (list, tuple, set)):
-        return list(result)
-    return [result]
-
-
-def _with_details(llm: ServedLLM, created: list[Any]) -> list[Any]:
-    """Replace bare segment ids by the engine's listing of them (size, namespace, ...) when it has one."""
-    list_segments = getattr(llm, "list_segments", None)
-    if not callable(list_segments) or not all(isinstance(x, (str, int)) for x in created):
-        return created
-    listed = {str(_fields(x).get("id")): x for x in _as_list(list_segments())}
-    return [listed.get(str(x), x) for x in created]
+def _not_found(segment_id: str) -> APIError:
+    return APIError(404, f"no segment with id {segment_id!r}", type="not_found_error", param="segment_id",
+                    code="segment_not_found")
 
 
 class SegmentService:
     """The segment endpoints; every engine call runs on the engine thread."""
 
-    def __init__(self, llm: ServedLLM, engine: EngineLoop) -> None:
-        self.llm = llm
+    def __init__(self, engine: EngineLoop) -> None:
         self.engine = engine
 
-    async def create(self, raw: bytes) -> dict[str, Any]:
-        body = parse_body(SegmentsRequest, parse_json(raw))
-        docs, names = body.texts(), body.names()
-        _require(self.llm, "cache_segments")
+    async def create(self, body: dict[str, Any], tenant: str | None) -> dict[str, Any]:
+        req = parse_body(SegmentsRequest, body)
+        docs, names = req.texts(), req.names()
+        namespace = namespace_for(tenant, req.namespace)
 
-        def pin(llm: ServedLLM) -> list[Any]:
-            cache_segments = _require(llm, "cache_segments")
-            kwargs = {"names": names} if names is not None else {}
-            created = _as_list(cache_segments(docs, namespace=body.namespace, **kwargs))
-            return _with_details(llm, created)
+        def pin(llm: ServedLLM) -> list[dict[str, Any]]:
+            ids = llm.cache_segments(docs, namespace=namespace, names=names)
+            listed = {str(s["id"]): s for s in llm.list_segments(namespace)}
+            return [listed.get(str(i), {"id": i, "namespace": namespace}) for i in ids]
 
         try:
             created = await self.engine.call(pin)
         except (ValueError, TypeError) as e:
             raise bad_request(str(e), param="documents") from None
-        return {"object": "list", "data": [segment_json(x) for x in created]}
+        return {"object": "list", "data": [segment_json(tenant, s) for s in created]}
 
-    async def list(self, namespace: str | None = None) -> dict[str, Any]:
-        _require(self.llm, "list_segments")
-        result = await self.engine.call(lambda llm: _require(llm, "list_segments")())
-        data = [segment_json(x) for x in _as_list(result)]
+    async def list(self, tenant: str | None, namespace: str | None = None) -> dict[str, Any]:
+        data = [segment_json(tenant, s) for s in await self.engine.call(lambda llm: _own_segments(llm, tenant))]
         if namespace is not None:
             data = [d for d in data if d.get("namespace") == namespace]
         return {"object": "list", "data": data}
 
-    async def delete(self, segment_id: str) -> dict[str, Any]:
-        _require(self.llm, "uncache_segments")
+    async def delete(self, segment_id: str, tenant: str | None) -> dict[str, Any]:
+        def unpin(llm: ServedLLM) -> int:
+            if segment_id not in {str(s["id"]) for s in _own_segments(llm, tenant)}:
+                return 0
+            return llm.uncache_segments([segment_id])
 
-        def unpin(llm: ServedLLM) -> Any:
-            key: Any = segment_id
-            list_segments = getattr(llm, "list_segments", None)
-            if callable(list_segments):
-                known = {str(_fields(x).get("id")): _fields(x).get("id") for x in _as_list(list_segments())}
-                if segment_id not in known:
-                    raise KeyError(segment_id)
-                key = known[segment_id]
-            return _require(llm, "uncache_segments")([key])
-
-        try:
-            result = await self.engine.call(unpin)
-        except (KeyError, LookupError):
-            raise APIError(404, f"no segment with id {segment_id!r}", param="segment_id",
-                           code="segment_not_found") from None
-        if result is not None and not result:  # 0, False or an empty list: nothing was removed
-            raise APIError(404, f"no segment with id {segment_id!r}", param="segment_id", code="segment_not_found")
+        if not await self.engine.call(unpin):
+            raise _not_found(segment_id)
         return {"id": segment_id, "object": "segment", "deleted": True}

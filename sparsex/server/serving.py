@@ -2,13 +2,13 @@
 
 One HTTP request becomes ``len(prompts) * n`` engine requests (choice ``i = prompt * n + j``), all
 added in one ``submit`` so that a bad prompt fails the whole request before any output. Prompts
-are tokenized on the engine thread (the tokenizer belongs to the engine).
+are tokenized on the engine thread (the tokenizer belongs to the engine). The tenant (from the API
+key, see ``auth.py``) prefixes the namespace of every request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -17,8 +17,11 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from sparsex.engine import PromptTooLongError
 from sparsex.sampling_params import SamplingParams
 from sparsex.server import responses as fmt
+from sparsex.server.auth import namespace_for
+from sparsex.server.config import ServerConfig
 from sparsex.server.engine_api import context_limit
 from sparsex.server.engine_loop import AddFn, EngineLoop, EngineStoppedError, QueueFullError, Submission
 from sparsex.server.metrics import ServerMetrics
@@ -30,7 +33,6 @@ from sparsex.server.protocol import (
     _SamplingFields,
     bad_request,
     parse_body,
-    parse_json,
     reuse_methods,
 )
 from sparsex.server.responses import ChoiceState
@@ -44,43 +46,31 @@ Encoder = Callable[["ServedLLM"], "tuple[list[int], list[SegmentSpan]]"]
 
 
 def takes_reuse(llm: Any) -> bool:
-    """Whether the engine's ``add_tokenized`` takes per-request ``reuse`` options."""
-    params = inspect.signature(llm.add_tokenized).parameters
-    return "reuse" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    """Whether the engine's ``add_tokenized`` takes per-request ``reuse`` options (always, now that
+    the server is typed against ``ServedLLM``; kept for ``sparsex.bench.serve``)."""
+    return True
 
 
 class OpenAIServing:
-    """Chat and text completions over an ``EngineLoop``.
-
-    default_max_tokens: ``max_tokens`` when the body gives none (capped by the context left).
-    default_reuse: reuse method when the body's ``sparsex.reuse`` is absent (None = the engine's).
-    """
+    """Chat and text completions over an ``EngineLoop``; options in ``ServerConfig``."""
 
     def __init__(
-        self,
-        llm: ServedLLM,
-        engine: EngineLoop,
-        metrics: ServerMetrics,
-        model_name: str,
-        default_max_tokens: int = 256,
-        default_reuse: str | None = None,
+        self, llm: ServedLLM, engine: EngineLoop, metrics: ServerMetrics, model_name: str, config: ServerConfig
     ) -> None:
         self.llm = llm
         self.engine = engine
         self.metrics = metrics
         self.model_name = model_name
-        self.default_max_tokens = default_max_tokens
-        self.default_reuse = default_reuse
-        self.takes_reuse = takes_reuse(llm)
+        self.config = config
         self.reuse_methods = reuse_methods()
 
     # ----- endpoints ---------------------------------------------------------------------------
 
-    async def chat(self, request: Request) -> Response:
-        body = parse_body(ChatCompletionRequest, parse_json(await request.body()))
+    async def chat(self, raw: dict[str, Any], request: Request, tenant: str | None) -> Response:
+        body = parse_body(ChatCompletionRequest, raw)
         self.check_model(body.model)
         messages = body.message_dicts()
-        options, namespace = self.engine_kwargs(body)
+        options, namespace = self.engine_kwargs(body, tenant)
 
         def encode(llm: ServedLLM) -> tuple[list[int], list[SegmentSpan]]:
             try:
@@ -93,22 +83,22 @@ class OpenAIServing:
         max_tokens = body.max_completion_tokens or body.max_tokens
         add = self.make_add([encode], body, max_tokens, body.logprobs, options, rid, "messages")
         sub = await self.submit(add, body.n)
-        head = fmt.Head(rid, int(time.time()), self.model_name, body.n)
+        head = fmt.Head(rid, int(time.time()), self.model_name, body.n, self.config.hide_cache_usage)
         top = body.top_logprobs or 0
         if body.stream:
             return self.sse(sub, fmt.chat_stream(self.events(sub), head, body.stop_list(), top, body.include_usage))
         states = await self.collect(sub, request)
         return JSONResponse(fmt.chat_response(states, head, body.logprobs, top))
 
-    async def completions(self, request: Request) -> Response:
-        body = parse_body(CompletionRequest, parse_json(await request.body()))
+    async def completions(self, raw: dict[str, Any], request: Request, tenant: str | None) -> Response:
+        body = parse_body(CompletionRequest, raw)
         self.check_model(body.model)
-        options, _ = self.engine_kwargs(body)
+        options, _ = self.engine_kwargs(body, tenant)
         encoders = [_encoder(p) for p in body.prompt_list()]
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         add = self.make_add(encoders, body, body.max_tokens, body.logprobs is not None, options, rid, "prompt")
         sub = await self.submit(add, body.n * len(encoders))
-        head = fmt.Head(rid, int(time.time()), self.model_name, body.n)
+        head = fmt.Head(rid, int(time.time()), self.model_name, body.n, self.config.hide_cache_usage)
         if body.stream:
             stream = fmt.completion_stream(self.events(sub), head, body.stop_list(), body.logprobs,
                                            body.include_usage)
@@ -123,30 +113,29 @@ class OpenAIServing:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
 
-    def engine_kwargs(self, body: _SamplingFields) -> tuple[dict[str, Any], str]:
+    def engine_kwargs(self, body: _SamplingFields, tenant: str | None) -> tuple[dict[str, Any], str]:
         """The keyword arguments for ``add_tokenized`` (per-request ``reuse``), and the namespace.
 
-        The ``sparsex`` object becomes ``reuse={"method", "budget", "namespace"}`` (only the fields
-        given) when the engine takes per-request reuse options; otherwise the prompt is served
-        with the engine's own method.
+        The ``sparsex`` object becomes ``reuse={"method", "budget", "namespace"}`` (the fields
+        given). The namespace is the client's (``sparsex.namespace``, else ``cache_salt``, else the
+        engine's default) inside the tenant's: ``auth.namespace_for``.
         """
         sx = body.sparsex or SparsexOptions()
-        method = sx.reuse or self.default_reuse
+        method = sx.reuse or self.config.default_reuse
         if method is not None and method not in self.reuse_methods:
             raise bad_request(f"unknown reuse method {method!r}; expected one of {list(self.reuse_methods)}",
                               param="sparsex.reuse", code="invalid_reuse")
-        namespace = sx.namespace if sx.namespace is not None else body.cache_salt
+        own = sx.namespace if sx.namespace is not None else body.cache_salt
+        namespace = namespace_for(tenant, own if own is not None else self.llm.reuse.namespace)
         wanted = {"method": method, "budget": sx.budget, "namespace": namespace}
         overrides = {k: v for k, v in wanted.items() if v is not None}
-        kwargs = {"reuse": overrides} if overrides and self.takes_reuse else {}
-        default_ns = str(getattr(getattr(self.llm, "reuse", None), "namespace", "") or "")
-        return kwargs, namespace if namespace is not None else default_ns
+        return {"reuse": overrides}, namespace
 
     def sampling_params(
         self, body: _SamplingFields, prompt_len: int, choice: int, max_tokens: int | None, logprobs: bool
     ) -> SamplingParams:
         if max_tokens is None:
-            max_tokens = max(1, min(self.default_max_tokens, context_limit(self.llm) - prompt_len))
+            max_tokens = max(1, min(self.config.default_max_tokens, context_limit(self.llm) - prompt_len))
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,
@@ -191,6 +180,9 @@ class OpenAIServing:
 
     async def submit(self, add: AddFn, num_requests: int) -> Submission:
         """Hand ``add`` to the engine thread, mapping its failures to HTTP errors."""
+        if num_requests > self.engine.max_queue:  # can never be admitted: a 429 would invite a retry
+            raise bad_request(f"{num_requests} choices (prompts x n) exceed this server's limit of "
+                              f"{self.engine.max_queue} requests in flight", param="n", code="too_many_choices")
         try:
             return await self.engine.submit(add, num_requests)
         except APIError:
@@ -199,6 +191,8 @@ class OpenAIServing:
             raise APIError(429, str(e), type="rate_limit_error", code="queue_full") from None
         except EngineStoppedError as e:
             raise APIError(503, str(e), type="server_error", code="shutting_down") from None
+        except PromptTooLongError as e:
+            raise bad_request(str(e), code="context_length_exceeded") from None
         except (ValueError, TypeError) as e:
             raise bad_request(str(e), code="invalid_value") from None
 

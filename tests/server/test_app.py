@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+from prometheus_client.parser import text_string_to_metric_families
 
 from sparsex.server.app import create_app
 from sparsex.server.background import BackgroundServer
@@ -23,16 +24,16 @@ def test_health_and_models(http: Any, client: openai.OpenAI, model: str, llm: An
     assert client.models.retrieve(model).id == model
 
 
-def metric(text: str, name: str, required: bool = True) -> float:
-    """The sum of a metric's samples (over labels); a labelled counter with no samples yet reads 0."""
-    total = 0.0
-    found = False
-    for line in text.splitlines():
-        if line.startswith(name) and (line[len(name)] in " {"):
-            total += float(line.rsplit(" ", 1)[1])
-            found = True
-    assert found or not required, f"{name} missing from /metrics"
-    return total
+def samples(text: str) -> list[Any]:
+    """Every sample of an exposition, parsed back by prometheus_client's own parser."""
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def metric(text: str, name: str, required: bool = True, **labels: str) -> float:
+    """The sum of a sample's values over the label sets that match ``labels``."""
+    found = [s for s in samples(text) if s.name == name and labels.items() <= s.labels.items()]
+    assert found or not required, f"{name} {labels} missing from /metrics"
+    return sum(s.value for s in found)
 
 
 def test_metrics(http: Any, client: openai.OpenAI, model: str) -> None:
@@ -49,9 +50,30 @@ def test_metrics(http: Any, client: openai.OpenAI, model: str) -> None:
     assert metric(after, "sparsex_e2e_request_latency_seconds_count") >= 1
     for name in ("sparsex_prefix_hit_tokens_total", "sparsex_segment_hit_tokens_total",
                  "sparsex_recomputed_tokens_total", "sparsex_recompute_fraction_count", "sparsex_kv_cache_usage",
-                 "sparsex_kv_blocks_free", "sparsex_requests_inflight", "sparsex_http_requests_total"):
+                 "sparsex_requests_inflight", "sparsex_http_requests_total", "sparsex_requests_aborted_total"):
         metric(after, name)
+    assert metric(after, "sparsex_kv_blocks", state="free") <= metric(after, "sparsex_kv_blocks", state="total")
     assert 0.0 <= metric(after, "sparsex_kv_cache_usage") <= 1.0
+    assert metric(after, "sparsex_http_requests_total", route="/v1/completions", method="POST", status="200") >= 1
+
+
+def test_metrics_labels_are_route_templates(http: Any) -> None:
+    """A hostile path can neither inject lines into the exposition nor grow it (issue 15, item 4)."""
+    evil = "/v1/segments/x%22%2Cstatus%3D%22200%22%7D%201%0Afake_metric%201%0A"
+    for i in range(50):
+        assert_error(http.delete(evil), 404)
+        assert_error(http.delete(f"/v1/segments/seg{i}%22%7D"), 404)
+        http.get(f"/unknown/{i}")
+    first = http.get("/metrics").text
+    for i in range(50, 150):
+        http.get(f"/unknown/{i}")
+    text = http.get("/metrics").text
+    names = {s.name for s in samples(text)}
+    assert "fake_metric" not in names and all(n.startswith("sparsex_") for n in names)
+    routes = {s.labels["route"] for s in samples(text) if s.name == "sparsex_http_requests_total"}
+    assert "/v1/segments/{segment_id:path}" in routes and "unmatched" in routes
+    assert all(not r.startswith("/unknown") for r in routes)
+    assert len(text.splitlines()) == len(first.splitlines())  # more unknown paths, no new lines
 
 
 def test_queue_limit_and_shutdown(model_dir: Path) -> None:
@@ -60,7 +82,8 @@ def test_queue_limit_and_shutdown(model_dir: Path) -> None:
     gate = threading.Event()
     with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
         body = {"prompt": "Queue", "max_tokens": 2, "temperature": 0}
-        assert_error(http.post("/v1/completions", json={**body, "n": 3}), 429, code="queue_full")
+        # More choices than the queue holds can never be admitted: 400, not a 429 to retry.
+        assert_error(http.post("/v1/completions", json={**body, "n": 3}), 400, code="too_many_choices")
 
         # Hold the engine thread so that two admitted requests stay in flight.
         blocker = threading.Thread(target=lambda: __import__("asyncio").run(engine.call(lambda _: gate.wait(30))))
@@ -73,7 +96,7 @@ def test_queue_limit_and_shutdown(model_dir: Path) -> None:
             gate.set()
             assert pending.result().status_code == 200
         blocker.join(30)
-        assert "sparsex_requests_rejected_total 2" in http.get("/metrics").text
+        assert metric(http.get("/metrics").text, "sparsex_requests_rejected_total") == 1
     assert not engine.is_alive  # lifespan exit stopped the engine thread
 
 

@@ -40,13 +40,30 @@ def test_reuse_choices() -> None:
 
 
 def test_serve_main_builds_the_app(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import uvicorn
+    from sparsex.server.lifecycle import DrainingServer
 
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    monkeypatch.setattr(DrainingServer, "run", lambda self: seen.update(server=self))
     cli.serve_main(parse("--model", str(model_dir), "--port", "9123", "--kv-cache-memory", "32M",
-                         "--max-queue", "7", "--reuse", "prefix"))
-    assert seen["host"] == "127.0.0.1" and seen["port"] == 9123
-    app = seen["app"]
-    assert app.state.engine.max_queue == 7
+                         "--max-queue", "7", "--reuse", "prefix", "--shutdown-grace", "2.5"))
+    server = seen["server"]
+    assert server.config.host == "127.0.0.1" and server.config.port == 9123
+    app = server.config.app
+    assert app.state.engine.max_queue == 7 and app.state.lifecycle.grace_s == 2.5
+    assert app.state.config.metrics == "open" and not app.state.config.tenants.enabled
     assert app.state.llm.pool.num_blocks * app.state.llm.pool.block_size > 0
+
+
+def test_security_options(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# key tenant\nk-alice alice\n\nk-bob bob  # the second tenant\n")
+    cfg = cli.server_config(parse("--api-keys", str(keys), "--api-key", "solo", "--hide-cache-usage"))
+    assert cfg.tenants.authenticate("Bearer k-bob") == "bob"
+    assert cfg.tenants.authenticate("Bearer solo") == "default"
+    assert cfg.metrics == "off" and cfg.hide_cache_usage  # keys on: /metrics off unless opened
+    assert cli.server_config(parse("--metrics-key", "m")).metrics == "key"
+    assert cli.server_config(parse("--api-key", "k", "--metrics", "open")).metrics == "open"
+    for bad in ("k-x bad/tenant\n", "only-a-key\n", "k t\nk u\n"):
+        keys.write_text(bad)
+        with pytest.raises(ValueError):
+            cli.server_config(parse("--api-keys", str(keys)))

@@ -12,7 +12,6 @@ import pytest
 from sparsex import LLM
 from sparsex.server.app import create_app
 from sparsex.server.background import BackgroundServer
-from sparsex.server.serving import takes_reuse
 from tests.server.helpers import make_llm
 
 
@@ -29,8 +28,7 @@ class RecordingLLM:
     def add_tokenized(self, ids: list[int], params: Any, spans: Any = (), request_id: str | None = None,
                       reuse: Any = None) -> Any:
         self.calls.append({"spans": list(spans), "reuse": reuse, "params": params})
-        kwargs = {"reuse": reuse} if reuse is not None and takes_reuse(self._llm) else {}
-        return self._llm.add_tokenized(ids, params, spans, request_id, **kwargs)
+        return self._llm.add_tokenized(ids, params, spans, request_id, reuse)
 
 
 @pytest.fixture
@@ -59,7 +57,7 @@ def test_options_are_forwarded(recorded: tuple[RecordingLLM, openai.OpenAI]) -> 
     assert all(s.namespace == "tenant-b" for s in llm.calls[-1]["spans"])
 
     client.completions.create(model=model, prompt="plain", max_tokens=2)
-    assert llm.calls[-1]["reuse"] is None  # nothing asked: the engine's default
+    assert llm.calls[-1]["reuse"] == {"namespace": ""}  # nothing asked: the engine's defaults
 
 
 def test_n_choices_get_distinct_seeds(recorded: tuple[RecordingLLM, openai.OpenAI]) -> None:
