@@ -17,6 +17,9 @@ class EngineConfig:
     max_kv_cache_bytes: cap applied when kv_cache_memory is a fraction.
     max_num_seqs: most requests decoding together.
     high_water: pool usage above which pinned segments start to be dropped.
+    max_prefill_tokens: most prompt tokens one engine step runs for a request whose prefill
+        recomputes everything (chunked prefill, so other requests' steps interleave); a reuse
+        prefill runs whole. None = unbounded.
     """
 
     model: str | None = None
@@ -27,6 +30,7 @@ class EngineConfig:
     max_kv_cache_bytes: int = 4 << 30
     max_num_seqs: int = 64
     high_water: float = 0.9
+    max_prefill_tokens: int | None = 512
 
 
 def available_memory_bytes(device: str) -> int:

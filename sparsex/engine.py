@@ -11,6 +11,7 @@ with ``finish_reason == "error"``; ``generate`` re-raises it to the caller.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,14 +25,14 @@ from sparsex.cache.block_pool import BlockPool, blocks_for_budget
 from sparsex.config import EngineConfig, available_memory_bytes
 from sparsex.detokenize import TextCursor
 from sparsex.kv_cache import KVCache
-from sparsex.kv_manager import Admission, KVCacheManager
+from sparsex.kv_manager import KVCacheManager
 from sparsex.model_runner import ModelRunner, SeqInput
 from sparsex.models.base import ModelSpec
 from sparsex.models.loader import load_model, resolve_model
-from sparsex.request import Request, RequestMetrics
+from sparsex.request import PinSpec, Request, RequestMetrics
 from sparsex.reuse.options import METHODS, ReuseOptions, resolve_reuse
 from sparsex.reuse.planner import Planner
-from sparsex.reuse.prefill import Prefiller
+from sparsex.reuse.prefill import Prefiller, PrefillTask
 from sparsex.reuse.store import SegmentStore
 from sparsex.sampler import make_generator, sample
 from sparsex.sampling_params import SamplingParams
@@ -62,6 +63,8 @@ class RequestOutput:
     """With ``keep_first_logits``: log-probabilities over the vocabulary at the first generated token."""
     recomputed_positions: np.ndarray | None = None
     """With ``keep_first_logits``: the prompt positions the prefill ran through the last layer."""
+    step_logprobs: np.ndarray | None = None
+    """With ``keep_first_logits=n``: [n, V] log-probabilities at each of the first n generated tokens."""
 
 
 class LLM:
@@ -109,9 +112,11 @@ class LLM:
         self.eos_token_ids = self.tokenizer.eos_token_ids
         self._ids = itertools.count()
         self._generators: dict[str, torch.Generator | None] = {}
-        self._keep_first: set[str] = set()
+        self._keep_first: dict[str, int] = {}  # id -> how many generated tokens' distributions to keep
+        self._steps: dict[str, list[torch.Tensor]] = {}  # id -> kept log-probabilities, one per token
         self._first: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (first logits, recomputed)
         self._errors: dict[str, Exception] = {}
+        self._tasks: dict[str, PrefillTask] = {}  # requests whose prefill is under way
 
     # ----- request lifecycle -------------------------------------------------------------
 
@@ -121,10 +126,11 @@ class LLM:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         reuse: str | ReuseOptions | dict[str, Any] | None = None,
-        keep_first_logits: bool = False,
+        keep_first_logits: bool | int = False,
     ) -> Request:
         """Queue ``prompt``; ``keep_first_logits`` keeps the first token's distribution and the
-        recomputed positions for ``output_of`` (analysis)."""
+        recomputed positions for ``output_of`` (analysis); an int ``n`` also keeps the distributions
+        of the first ``n`` generated tokens (``RequestOutput.step_logprobs``)."""
         params = params or SamplingParams()
         ids, spans = self.tokenizer.encode_prompt(prompt)
         return self.add_tokenized(ids, params, spans, request_id, reuse, keep_first_logits)
@@ -136,8 +142,20 @@ class LLM:
         spans: Sequence[Any] = (),
         request_id: str | None = None,
         reuse: str | ReuseOptions | dict[str, Any] | None = None,
-        keep_first_logits: bool = False,
+        keep_first_logits: bool | int = False,
     ) -> Request:
+        req = self._new_request(ids, params, spans, request_id, reuse)
+        self._generators[req.request_id] = make_generator(params, self.device)
+        if keep_first_logits:
+            self._keep_first[req.request_id] = int(keep_first_logits)
+        self.scheduler.add(req)
+        return req
+
+    def _new_request(
+        self, ids: list[int], params: SamplingParams, spans: Sequence[Any], request_id: str | None,
+        reuse: str | ReuseOptions | dict[str, Any] | None,
+    ) -> Request:
+        """A validated request (not queued)."""
         opts = resolve_reuse(self.reuse, reuse, self.methods)
         if not ids:
             raise ValueError("the prompt is empty")
@@ -156,67 +174,138 @@ class LLM:
                 f"{self.pool.num_blocks * self.pool.block_size}; raise kv_cache_memory"
             )
         req.metrics.num_prompt_tokens = len(ids)
-        self._generators[req.request_id] = make_generator(params, self.device)
-        if keep_first_logits:
-            self._keep_first.add(req.request_id)
-        self.scheduler.add(req)
         return req
+
+    def add_choices(
+        self,
+        ids: list[int],
+        params: Sequence[SamplingParams],
+        spans: Sequence[Any] = (),
+        request_ids: Sequence[str] | None = None,
+        reuse: str | ReuseOptions | dict[str, Any] | None = None,
+    ) -> list[Request]:
+        """``len(params)`` choices of one prompt that share one prefill: the first is prefilled, the
+        others copy its prompt KV and sample their first token from the same logits, each with its
+        own sampling parameters (seed). Aborting the first before its prefill aborts them all."""
+        if not params:
+            raise ValueError("at least one choice is needed")
+        ids_of = list(request_ids) if request_ids is not None else [None] * len(params)
+        leader = self._new_request(ids, params[0], spans, ids_of[0], reuse)
+        leader.followers = [self._new_request(ids, p, spans, rid, reuse) for p, rid in zip(params[1:], ids_of[1:], strict=True)]
+        for r in (leader, *leader.followers):
+            self._generators[r.request_id] = make_generator(r.params, self.device)
+        total = sum(r.blocks_needed(self.pool.block_size) for r in (leader, *leader.followers))
+        if total > self.pool.num_blocks:
+            raise PromptTooLongError(f"{len(params)} choices of this prompt need {total} KV blocks but the pool "
+                                     f"holds {self.pool.num_blocks}; raise kv_cache_memory or lower n")
+        self.scheduler.add(leader)
+        return [leader, *leader.followers]
 
     def abort(self, req: Request) -> None:
         """Stop a request and return its blocks at once."""
         if not req.finished:
             req.finish_reason = req.finish_reason or "abort"
             self._finish(req)
+        for f in req.followers:  # those that have no prompt KV yet cannot be served without it
+            if not f.finished and f.num_computed_tokens == 0:
+                f.finish_reason = "abort"
+                self._finish(f)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
     def step(self) -> list[Request]:
-        """Run one engine step; returns the requests that got a new token or failed."""
+        """Run one engine step: start the prefill of what was admitted, then one prefill chunk or one
+        decode batch. Returns the requests that got a new token, finished or failed."""
         out = self.scheduler.schedule()
-        if out.prefill is not None:
-            assert out.admission is not None
-            return self._prefill_step(out.prefill, out.admission)
-        if not out.decode:
-            return []
+        touched: list[Request] = []
+        for req, adm in out.admitted:
+            try:
+                self._tasks[req.request_id] = self.prefiller.start(req.prompt_token_ids, req.reuse, adm)
+            except Exception as e:
+                self._fail(req, e)
+                touched += [req, *self._fail_followers(req, e)]
+        if out.prefill is not None and out.prefill.request_id in self._tasks:
+            touched += self._prefill_chunk(out.prefill)
+        elif out.decode:
+            touched += self._decode(out.decode)
+        return touched
+
+    # ----- internals -----------------------------------------------------------------------
+
+    def _decode(self, batch: list[Request]) -> list[Request]:
         seqs = []
-        for r in out.decode:
+        for r in batch:
             pos = r.num_tokens - 1
             r.block_table.extend(self.cache.grow(r.block_table, pos + 1))
             seqs.append(SeqInput([r.output_token_ids[-1]], [pos], r.block_table, pos + 1))
         try:
             logits = self.runner.forward(seqs)
         except Exception as e:  # the batch's state is unknown: fail each request in it
-            for r in out.decode:
+            for r in batch:
                 self._fail(r, e)
-            return out.decode
-        for r, row in zip(out.decode, logits, strict=True):
+            return batch
+        for r, row in zip(batch, logits, strict=True):
             r.num_computed_tokens += 1
             self._append_token_or_fail(r, row)
-        return out.decode
+        return batch
 
-    # ----- internals -----------------------------------------------------------------------
-
-    def _prefill_step(self, req: Request, adm: Admission) -> list[Request]:
+    def _prefill_chunk(self, req: Request) -> list[Request]:
+        """The next chunk of ``req``'s prefill; when its prompt is done, its first token (and its
+        followers' first tokens, from the same logits over a copy of its prompt KV)."""
+        task = self._tasks[req.request_id]
         try:
-            res = self.prefiller.prefill(req.prompt_token_ids, req.reuse, adm)
+            res = task.advance(self.config.max_prefill_tokens)
+            if res is not None and req.pin is not None:
+                req.pinned_segment_id = self.prefiller.pin_prefilled(req.prompt_token_ids, req.block_table, req.pin)
         except Exception as e:
             self._fail(req, e)
-            return [req]
-        req.num_computed_tokens = len(req.prompt_token_ids)
+            return [req, *self._fail_followers(req, e)]
+        self.scheduler.remaining[req.request_id] = task.num_remaining
+        req.num_computed_tokens = task.done
+        if res is None:
+            return []
+        del self._tasks[req.request_id]
+        self.scheduler.prefilled(req)
         m = req.metrics
         m.reuse = req.reuse.method
         m.num_prefix_hit_tokens = res.num_prefix_hit_tokens
         m.num_segment_hit_tokens = res.num_segment_hit_tokens
         m.num_recomputed_tokens = int(res.recomputed.numel())
         m.compute_fraction = res.compute_fraction
-        m.reuse_overhead_s = adm.lookup_s + res.load_s
+        m.reuse_overhead_s = task.adm.lookup_s + res.load_s
         m.segment_sources = res.segment_sources
         m.segment_hit_tokens_by_source = res.hit_tokens_by_source
+        if req.pin is not None:  # a pin computes KV only
+            req.finish_reason = "stop"
+            self._finish(req)
+            return [req]
         if req.request_id in self._keep_first:
             self._first[req.request_id] = (res.logits.detach().clone(), res.recomputed.cpu())
+        forks = self._fork(req)
         self._append_token_or_fail(req, res.logits)
-        return [req]
+        for f in forks:
+            self._append_token_or_fail(f, res.logits)
+        return [req, *forks]
+
+    def _fork(self, leader: Request) -> list[Request]:
+        """Give every live follower a copy of ``leader``'s prompt KV and its prefill metrics."""
+        live = [f for f in leader.followers if not f.finished]
+        n = len(leader.prompt_token_ids)
+        if live:
+            pos = torch.arange(n, device=self.kv.k.device)
+            src = self.kv.slots(leader.block_table, pos)
+            for f in live:
+                self.kv.copy_slots(src, self.kv.slots(f.block_table, pos))
+                f.num_computed_tokens = n
+                f.metrics = dataclasses.replace(leader.metrics, ttft_s=0.0, latency_s=0.0)
+        return live
+
+    def _fail_followers(self, leader: Request, error: Exception) -> list[Request]:
+        live = [f for f in leader.followers if not f.finished]
+        for f in live:
+            self._fail(f, error)
+        return live
 
     def _append_token_or_fail(self, req: Request, logits: torch.Tensor) -> None:
         try:
@@ -240,7 +329,9 @@ class LLM:
         if req.first_token_time is None:
             req.first_token_time = now
             req.metrics.ttft_s = now - req.arrival_time
-        tok, lp = sample(logits, req.params, self._generators.get(req.request_id))
+        if len(req.output_token_ids) < self._keep_first.get(req.request_id, 0):
+            self._steps.setdefault(req.request_id, []).append(torch.log_softmax(logits.float(), dim=-1).cpu())
+        tok, lp = sample(logits, req.params, self._generators.get(req.request_id), len(req.output_token_ids))
         req.output_token_ids.append(tok)
         req.output_logprobs.append(lp)
         p = req.params
@@ -262,6 +353,7 @@ class LLM:
             self._finish(req)
 
     def _finish(self, req: Request) -> None:
+        self._tasks.pop(req.request_id, None)
         req.metrics.latency_s = time.perf_counter() - req.arrival_time
         req.metrics.num_generated_tokens = len(req.output_token_ids)
         self.scheduler.finish(req)
@@ -269,11 +361,12 @@ class LLM:
             self.pool.release(req.block_table)
             req.block_table = []
         self._generators.pop(req.request_id, None)
-        self._keep_first.discard(req.request_id)
+        self._keep_first.pop(req.request_id, None)
 
     def output_of(self, req: Request) -> RequestOutput:
         """The request's output so far (with the kept first-token data, which is then forgotten)."""
         first = self._first.pop(req.request_id, None) if req.finished else None
+        steps = self._steps.pop(req.request_id, None) if req.finished else None
         return RequestOutput(
             request_id=req.request_id,
             prompt_token_ids=req.prompt_token_ids,
@@ -285,6 +378,7 @@ class LLM:
             metrics=req.metrics,
             first_logprobs=None if first is None else torch.log_softmax(first[0], dim=-1).cpu().numpy(),
             recomputed_positions=None if first is None else first[1].numpy(),
+            step_logprobs=None if not steps else torch.stack(steps).numpy(),
         )
 
     # ----- public API ------------------------------------------------------------------------
@@ -361,19 +455,26 @@ class LLM:
     ) -> list[str]:
         """Precompute and pin documents (a knowledge base); returns their segment ids.
 
-        Pinned segments survive LRU eviction until the pool passes its high-water mark.
+        Pinned segments survive LRU eviction until the pool passes its high-water mark. Each
+        document is a pin request (``add_pin``), prefilled in chunks like any other request.
         """
-        return [self._pin(d, namespace, names[i] if names else None) for i, d in enumerate(docs)]
+        reqs = [self.add_pin(d, namespace, names[i] if names else None) for i, d in enumerate(docs)]
+        self.run_to_completion(reqs)
+        return [str(r.pinned_segment_id) for r in reqs]
 
-    def _pin(self, doc: str | list[int], namespace: str, name: str | None) -> str:
-        """Compute ``doc`` alone (after BOS where the model uses one) and pin it as a segment."""
+    def add_pin(self, doc: str | list[int], namespace: str = "", name: str | None = None) -> Request:
+        """Queue the pinning of one document (computed alone, after BOS where the model uses one);
+        its ``pinned_segment_id`` is set when it finishes."""
         toks = self.tokenizer.encode(doc) if isinstance(doc, str) else [int(t) for t in doc]
         if not toks:
             raise ValueError("cannot pin an empty document")
         ids = self.tokenizer.with_bos(toks)
         if len(ids) > self.spec.max_position:
             raise ValueError(f"document of {len(ids)} tokens exceeds the context of {self.spec.max_position}")
-        return self.prefiller.pin(ids, len(toks), namespace, name)
+        opts = ReuseOptions(method="none", namespace=namespace, register=False, auto_segments=False)
+        req = self.add_tokenized(ids, SamplingParams(max_tokens=1), reuse=opts)
+        req.pin = PinSpec(namespace, name, len(toks))
+        return req
 
     def uncache_segments(self, segment_ids: Sequence[str]) -> int:
         """Unpin segments (their KV stays cached until evicted); returns how many were found."""

@@ -159,6 +159,10 @@ class KVCacheManager:
                                          tuple(hit.positions[:keep_blocks])))
         return prefix_len, prefix_blocks, hits
 
+    def allocate_prompt(self, req: Request) -> list[int]:
+        """Blocks for ``req``'s prompt, no lookup (a follower: it copies its leader's prompt KV)."""
+        return self.pool.allocate(self.blocks_for(len(req.prompt_token_ids)))
+
     def release_hits(self, hits: Sequence[SegmentReuse]) -> None:
         for h in hits:
             self.pool.release(list(h.src_blocks))

@@ -13,8 +13,22 @@ from sparsex.segments import SegmentSpan
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    PREFILLING = "prefilling"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class PinSpec:
+    """A request that pins a document instead of generating: its prompt is BOS + the document.
+
+    namespace: the tenant namespace of the pinned segment. name: an optional label.
+    num_doc_tokens: the document's tokens (the prompt's last ones).
+    """
+
+    namespace: str
+    name: str | None
+    num_doc_tokens: int
 
 
 @dataclass
@@ -68,6 +82,12 @@ class Request:
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    followers: list[Request] = field(default_factory=list)
+    """Other choices of the same prompt (``n`` > 1): admitted with this one, they copy its prompt
+    KV once its prefill is done instead of prefilling again."""
+    pin: PinSpec | None = None
+    pinned_segment_id: str | None = None
+    """For a pin request: the pinned segment's id once done."""
 
     @property
     def num_tokens(self) -> int:

@@ -5,6 +5,14 @@
 
 ``Prefiller`` is given its dependencies (the segment store, the model runner, the planners) and
 returns a ``PrefillResult``; it never reaches back into the engine.
+
+A prefill that recomputes everything after the exact prefix (``none``, ``prefix``, or a prompt
+that reused nothing) is *chunked*: ``PrefillTask.advance`` runs at most a given number of tokens
+through every layer per call (vLLM's chunked prefill), so the engine can interleave other
+requests' steps. A sparse plan (reuse) runs in one call: its cost is already a fraction.
+
+    prompt   [ exact prefix | chunk 1 | chunk 2 | ... | chunk k ]   each chunk: all layers,
+                              advance   advance         advance     attending over the KV before it
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ import torch
 from sparsex.kv_manager import Admission
 from sparsex.model_runner import ModelRunner, SeqInput
 from sparsex.models.base import ModelSpec
-from sparsex.reuse.executor import compute_fraction, run_plan
+from sparsex.request import PinSpec
+from sparsex.reuse.executor import PlanRun, RecomputePlan, compute_fraction, run_plan
 from sparsex.reuse.options import ReuseOptions
 from sparsex.reuse.planner import PLANNERS, PlanContext, Planner, ReuseSituation, plan_prefill
 from sparsex.reuse.store import SegmentStore
@@ -61,14 +70,20 @@ class Prefiller:
         self.planners: dict[str, Planner] = {**PLANNERS, **(planners or {})}
         self.context = PlanContext(spec, store.kv, runner)
 
+    def start(self, ids: list[int], opts: ReuseOptions, adm: Admission) -> PrefillTask:
+        """Load ``adm``'s hits and plan; the returned task runs the plan (``advance``)."""
+        return PrefillTask(self, ids, opts, adm)
+
     def prefill(self, ids: list[int], opts: ReuseOptions, adm: Admission) -> PrefillResult:
-        """Run ``ids`` with ``opts`` over the blocks and hits of ``adm``."""
+        """Run ``ids`` with ``opts`` over the blocks and hits of ``adm`` in one call."""
+        result = self.start(ids, opts, adm).advance(None)
+        assert result is not None
+        return result
+
+    def _load_and_plan(self, ids: list[int], opts: ReuseOptions, adm: Admission) -> tuple[RecomputePlan, torch.Tensor, float]:
         t0 = time.perf_counter()
         n, start, table = len(ids), adm.prefix_len, list(adm.block_table)
         runs = [(h.span.start, h.span.start + h.num_tokens) for h in adm.hits]
-        hit_sources: Counter[str] = Counter()
-        for h in adm.hits:
-            hit_sources[h.span.source] += h.num_tokens
         reused = torch.zeros(n, dtype=torch.bool)
         try:
             reused[self.store.load(adm.hits, table)] = True
@@ -78,7 +93,18 @@ class Prefiller:
         load_s = time.perf_counter() - t0
         seq = SeqInput(ids[start:], list(range(start, n)), table, n)
         plan = plan_prefill(opts, ReuseSituation(seq, start, reused, runs), self.context, self.planners)
-        run = run_plan(self.runner, plan)
+        return plan, reused, load_s
+
+    def _finish(
+        self, ids: list[int], opts: ReuseOptions, adm: Admission, plan: RecomputePlan, run: PlanRun,
+        reused: torch.Tensor, load_s: float,
+    ) -> PrefillResult:
+        """Publish fresh KV and describe what ran."""
+        n, start, table = len(ids), adm.prefix_len, list(adm.block_table)
+        runs = [(h.span.start, h.span.start + h.num_tokens) for h in adm.hits]
+        hit_sources: Counter[str] = Counter()
+        for h in adm.hits:
+            hit_sources[h.span.source] += h.num_tokens
         if opts.register:
             first_reused = min((a for a, _ in runs), default=n)
             fresh = [
@@ -94,16 +120,51 @@ class Prefiller:
             hit_tokens_by_source=dict(hit_sources),
         )
 
-    def pin(self, ids: list[int], num_doc_tokens: int, namespace: str, name: str | None) -> str:
-        """Compute ``ids`` (a document's last ``num_doc_tokens`` tokens after BOS) and pin the document."""
-        pool = self.store.pool
-        blocks = pool.allocate(-(-len(ids) // pool.block_size))
-        try:
-            self.runner.forward([SeqInput(ids, list(range(len(ids))), blocks, len(ids))])
-            span = SegmentSpan(len(ids) - num_doc_tokens, len(ids), "pinned", namespace)
-            sids = self.store.publish(ids, blocks, namespace, len(ids), [span], pinned=True, name=name)
-        finally:
-            pool.release(blocks)
+    def pin_prefilled(self, ids: list[int], block_table: list[int], pin: PinSpec) -> str:
+        """Pin the document a pin request just computed (its prompt: BOS + the document)."""
+        span = SegmentSpan(len(ids) - pin.num_doc_tokens, len(ids), "pinned", pin.namespace)
+        sids = self.store.publish(ids, block_table, pin.namespace, len(ids), [span], pinned=True, name=pin.name)
         if not sids:
             raise RuntimeError("the KV pool is full; could not pin the document")
         return sids[0]
+
+
+class PrefillTask:
+    """One request's prefill in progress: hits loaded, plan made; ``advance`` runs it.
+
+    Invariant: ``done`` prompt positions have their KV in every layer (starting at the exact prefix).
+    """
+
+    def __init__(self, prefiller: Prefiller, ids: list[int], opts: ReuseOptions, adm: Admission) -> None:
+        self.prefiller, self.ids, self.opts, self.adm = prefiller, ids, opts, adm
+        self.plan, self.reused, self.load_s = prefiller._load_and_plan(ids, opts, adm)
+        self.done = adm.prefix_len
+        p = self.plan
+        # A full recompute (every layer dense, nothing to select) can run in token chunks.
+        self.chunkable = p.dense_layers == prefiller.spec.num_layers and p.select is None and p.adjust is None
+
+    @property
+    def num_remaining(self) -> int:
+        return len(self.ids) - self.done
+
+    def advance(self, max_tokens: int | None) -> PrefillResult | None:
+        """Run up to ``max_tokens`` more prompt tokens through every layer (None: all of them; a
+        sparse plan always runs whole). Returns the result once the prompt is done, else None."""
+        n = len(self.ids)
+        if not self.chunkable or max_tokens is None or self.num_remaining <= max_tokens:
+            if self.chunkable and self.done > self.adm.prefix_len:  # the last chunk
+                logits = self._chunk(n)
+                run = PlanRun(logits, torch.arange(self.adm.prefix_len, n))
+            else:
+                run = run_plan(self.prefiller.runner, self.plan)
+            self.done = n
+            return self.prefiller._finish(self.ids, self.opts, self.adm, self.plan, run, self.reused, self.load_s)
+        self._chunk(self.done + max_tokens)
+        return None
+
+    def _chunk(self, end: int) -> torch.Tensor:
+        """Positions ``done..end-1`` through every layer; logits [V] of position ``end - 1``."""
+        a, table = self.done, list(self.adm.block_table)
+        logits = self.prefiller.runner.forward([SeqInput(self.ids[a:end], list(range(a, end)), table, end)])[0]
+        self.done = end
+        return logits

@@ -15,7 +15,8 @@ from sparsex.lab.workloads import WorkItem, make_workload
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir) -> LLM:
-    return LLM(model=str(tiny_model_dir("llama")), kv_cache_memory=32 << 20, planners=LAB_PLANNERS)
+    return LLM(model=str(tiny_model_dir("llama")), kv_cache_memory=32 << 20, planners=LAB_PLANNERS,
+               max_prefill_tokens=None)
 
 
 def test_parse_method_reads_typed_options() -> None:

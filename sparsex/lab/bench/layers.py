@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from sparsex.lab.oracle import LAB_PLANNERS
     from sparsex.lab.workloads import make_workload
 
-    llm = LLM(model=args.model, planners=LAB_PLANNERS)
+    llm = LLM(model=args.model, planners=LAB_PLANNERS, max_prefill_tokens=None)  # exact, unchunked reference
     sets = layer_sets(llm.spec.num_layers, [int(c) for c in args.cuts.split(",") if c], args.width)
     report: dict[str, Any] = {"machine": machine(), "model": llm.model_name, "args": vars(args), "workloads": {}}
     for kind in args.workloads.split(","):

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown methods {sorted(unknown)}; rows are: {', '.join(label for label, _ in METHODS)}")
     methods = [(label, opts) for label, opts in METHODS if not wanted or label in wanted or label == "none"]
-    llm = LLM(model=args.model, kv_dtype=args.kv_dtype)
+    llm = LLM(model=args.model, kv_dtype=args.kv_dtype, max_prefill_tokens=None)  # full prefill unchunked
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     sizes = [args.docs * args.doc_tokens] + [int(x) for x in args.lengths.split(",") if x]
     all_rows: dict[int, list[dict[str, Any]]] = {}
