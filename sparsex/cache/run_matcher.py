@@ -43,9 +43,13 @@ from sparsex.cache.token_runs import TokenRun, select_runs
 CONTENT_DOMAIN = "segment-content"
 """Domain tag of anchor content hashes (distinct from the chain hashes' ``"segment"``)."""
 
-WORK_PER_TOKEN = 16
-"""Lookup work allowed per prompt token before hits inside found runs are skipped (see find)."""
+WORK_PER_TOKEN = 4
+"""Lookup work allowed per prompt token before the search stops being exhaustive (see find): a
+prompt whose every token is cached once or twice uses 1 to 3."""
+ANCHORS_PAST_BUDGET = 4
+"""Past the work budget, anchors examined per prompt window."""
 _WORK_FLOOR = 4096
+_EXTEND_COST = 8  # work units of one extension besides its tokens (its fixed overhead)
 
 _Item = TypeVar("_Item")
 
@@ -75,7 +79,8 @@ class RunMatcher:
       candidate is verified on token ids and namespace: a hash collision never makes a run, and a
       run never leaves its namespace (parents and children are checked too).
     - Every block but an entry's last is full, so run arithmetic is ``k // B`` and ``k % B``.
-    - Results depend only on the indexed content and block ids, never on dict or scan order.
+    - Within the work budget (see :meth:`_candidates`) results depend only on the indexed content
+      and block ids, never on dict or scan order.
     """
 
     def __init__(
@@ -159,9 +164,9 @@ class RunMatcher:
         self._by_chain[chain_hash] = block_id
         if parent_hash is not None:
             self._children.setdefault(parent_hash, {})[block_id] = None
-        weak = self._weak.setdefault(namespace, {})
-        for strong, rolling, offset in anchors:
+        for strong, rolling, offset in anchors:  # a tail shorter than an anchor has none
             self._anchors.setdefault(strong, {})[(block_id, offset)] = None
+            weak = self._weak.setdefault(namespace, {})
             weak[rolling] = weak.get(rolling, 0) + 1
 
     def drop_block(self, block_id: int) -> None:
@@ -172,14 +177,14 @@ class RunMatcher:
         del self._by_chain[node.chain_hash]
         if node.parent_hash is not None:
             _discard(self._children, node.parent_hash, block_id)
-        weak = self._weak[node.namespace]
         for strong, rolling, offset in node.anchors:
             _discard(self._anchors, strong, (block_id, offset))
+            weak = self._weak[node.namespace]  # present: it counts this anchor
             weak[rolling] -= 1
             if weak[rolling] == 0:
                 del weak[rolling]
-        if not weak:
-            del self._weak[node.namespace]
+            if not weak:
+                del self._weak[node.namespace]
 
     # ----- lookup ------------------------------------------------------------------------------
 
@@ -208,36 +213,36 @@ class RunMatcher:
     ) -> list[TokenRun]:
         """The maximal run through every verified anchor hit, each diagonal extended once.
 
-        Exact while the work (anchor pairs examined + tokens extended) stays within
-        ``WORK_PER_TOKEN`` per prompt token. Past that, which takes content repeated many times
-        in the cache (one token over and over), hits inside a run already found are skipped: runs
-        stay verified and disjoint, but a longer overlapping alternative may be missed."""
+        Exact while the work (anchor pairs examined + extensions and their tokens) stays within
+        ``WORK_PER_TOKEN`` per prompt token. Past that, which takes content cached many times over
+        (one token repeated, boilerplate), hits inside a run of ``min_run`` tokens already found
+        are skipped and a window's anchors are examined ``ANCHORS_PAST_BUDGET`` at most (in
+        registration order): runs stay verified and disjoint, but some alternatives are missed."""
         a, salt = self._anchor_len, self._salt(namespace)
         budget = WORK_PER_TOKEN * len(tokens) + _WORK_FLOOR
-        work, reach = 0, 0  # every run found so far starts at or before i and ends at or before reach
+        work, reach = 0, 0  # every run kept so far starts at or before i and ends at or before reach
         found: list[TokenRun] = []
         passed: set[tuple[int, int, int]] = set()  # (prompt position, block id, offset) already in a run
         for i, rolling in enumerate(rolling_hashes(tokens, a)):
             if rolling not in weak or (work > budget and i + a <= reach):  # mostly: no strong hash
                 continue
             window = tokens[i : i + a]
-            for block_id, offset in sorted(
-                self._anchors.get(hash_block(None, window, salt, self._hash_fn), {})
-            ):
+            anchors = self._anchors.get(hash_block(None, window, salt, self._hash_fn), {})
+            for examined, (block_id, offset) in enumerate(anchors):
+                if work > budget and (i + a <= reach or examined >= ANCHORS_PAST_BUDGET):
+                    break
                 work += 1
                 node = self._nodes[block_id]
                 if (i, block_id, offset) in passed or node.namespace != namespace:
                     continue
                 if node.tokens[offset : offset + a] != window:  # a hash collision: never a match
                     continue
-                if work > budget and i + a <= reach:
-                    break
                 run = self._extend(tokens, i, node, offset)
-                work += run.num_tokens
-                reach = max(reach, run.prompt_end)
+                work += _EXTEND_COST + run.num_tokens
                 self._mark_anchors(run, passed)
                 if run.num_tokens >= min_run:
                     found.append(run)
+                    reach = max(reach, run.prompt_end)
         return found
 
     def _extend(self, tokens: tuple[int, ...], i: int, node: _Node, offset: int) -> TokenRun:

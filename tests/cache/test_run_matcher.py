@@ -271,6 +271,20 @@ def test_add_block_is_idempotent_and_checked() -> None:
     assert (matcher.num_blocks, matcher.find([1, 2, 3, 4], "")) == (0, ())
 
 
+def test_a_tail_too_short_for_an_anchor_is_reached_by_extension_and_evicted_last() -> None:
+    index = make(num_blocks=3)
+    pool = index.pool
+    store(index, ENTRY[:9], start_pos=3)  # blocks 0, 1, 2; block 2 = [108] holds no anchor
+    assert runs(index, [1, *ENTRY[5:9]]) == [(1, 4, (1, 2), 1, (7, 11))]  # LRU now: 0, 2, 1
+    pool.incref([2])
+    held = pool.allocate(2)  # evicts 0 and 1: the namespace's last anchors go first
+    assert (held, index.run_matcher.num_blocks) == ([0, 1], 1)
+    pool.release([2])
+    assert pool.clear_cached() == 1
+    assert index.run_matcher.num_blocks == 0
+    pool.release(held)
+
+
 def test_repetitive_content_is_covered_by_verified_runs_within_the_work_budget() -> None:
     index = make(num_blocks=32)
     store(index, [7] * 40)  # 10 blocks with one content: 20 anchors share one hash

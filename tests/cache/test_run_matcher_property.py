@@ -133,8 +133,6 @@ def test_past_the_work_budget_runs_stay_verified_disjoint_and_long_enough(
     for token_ids, start_pos in zip(entry_tokens, starts, strict=True):
         index.register(token_ids, "", start_pos, dict(enumerate(pool.allocate(-(-len(token_ids) // B)))))
     free = pool.num_free_blocks
-    exact = index.find_runs(prompt, "", min_run)
-    index.release_runs(exact)
     with patch.object(run_matcher, "WORK_PER_TOKEN", 0), patch.object(run_matcher, "_WORK_FLOOR", 0):
         match = index.find_runs(prompt, "", min_run)
     end = 0
@@ -144,7 +142,5 @@ def test_past_the_work_budget_runs_stay_verified_disjoint_and_long_enough(
         for j in range(run.num_tokens):
             block_id, slot, _ = run.source(j, B)
             assert pool.info(block_id).token_ids[slot] == prompt[run.prompt_start + j]
-    if exact.runs:
-        assert match.runs  # the first hit is always extended
     index.release_runs(match)
     assert pool.num_free_blocks == free
