@@ -84,6 +84,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def serve_main(args: argparse.Namespace) -> None:
+    import logging
+
     import uvicorn
 
     from sparsex.engine import LLM
@@ -91,6 +93,7 @@ def serve_main(args: argparse.Namespace) -> None:
     from sparsex.server.lifecycle import DrainingServer
 
     config = server_config(args)  # before loading the model: a bad keys file fails fast
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")  # sparsex.* loggers
     kwargs = {} if args.kv_cache_memory is None else {"kv_cache_memory": args.kv_cache_memory}
     llm = LLM(model=args.model, device=args.device, **kwargs)
     app = create_app(llm, config)

@@ -1,0 +1,106 @@
+"""SIGTERM with requests in flight: the real server, as a subprocess on a free loopback port.
+
+Admission stops (503 JSON), a short request finishes within the grace period, long ones end with an
+OpenAI-style error (a JSON body; an SSE error event then ``[DONE]``), and the process exits 0 with
+no traceback in its log.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.server.helpers import httpx, sse_events, wait_until
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+GRACE_S = 3.0
+LONG = {"prompt": "Keep going", "max_tokens": 1000, "ignore_eos": True, "temperature": 0}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn()
+        except Exception as e:  # reported by the test's assertions
+            out["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_drains_then_exits_cleanly(model_dir: Path, tmp_path: Path) -> None:
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "sparsex.server", "--model", str(model_dir), "--port", str(port),
+           "--kv-cache-memory", "64M", "--shutdown-grace", str(GRACE_S), "--log-level", "info"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=url, timeout=120) as http:
+            def healthy() -> bool:
+                assert proc.poll() is None, log_path.read_text()
+                try:
+                    return http.get("/health").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            wait_until(healthy, timeout=120, what="the server to start")
+
+            def stream() -> list[Any]:
+                with httpx.Client(base_url=url, timeout=120) as c, \
+                        c.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r:
+                    return sse_events(r.iter_lines())
+
+            def post(body: dict[str, Any]) -> Any:
+                with httpx.Client(base_url=url, timeout=120) as c:
+                    return c.post("/v1/completions", json=body)
+
+            streaming, streamed = in_thread(stream)
+            waiting, waited = in_thread(lambda: post(LONG))
+            wait_until(lambda: http.get("/health").json()["requests_inflight"] >= 2, what="two long requests")
+            short, shorted = in_thread(lambda: post({"prompt": "Short", "max_tokens": 4, "ignore_eos": True}))
+            wait_until(lambda: http.get("/health").json()["requests_inflight"] >= 3, what="the short request")
+            proc.send_signal(signal.SIGTERM)
+
+            wait_until(lambda: http.get("/health").status_code == 503, timeout=10, what="draining")
+            r = http.post("/v1/completions", json={"prompt": "late", "max_tokens": 1})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+
+            for t in (short, waiting, streaming):
+                t.join(60)
+            assert shorted["result"].status_code == 200, shorted  # finished within the grace period
+            assert shorted["result"].json()["choices"][0]["finish_reason"] == "length"
+            err = waited["result"]
+            assert err.status_code == 503 and err.json()["error"]["code"] == "aborted"
+            events = streamed["result"]
+            assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "aborted"
+            assert all("choices" in e for e in events[:-2])  # whole chunks before the error, none cut
+
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    log = log_path.read_text()
+    assert "Traceback" not in log and "CancelledError" not in log, log
+    assert "grace period over" in log
