@@ -22,11 +22,18 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 
 
 def sample(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, index: int = 0
 ) -> tuple[int, float]:
-    """logits: [V] float32 -> (token id, its log-probability under the unmodified distribution)."""
+    """logits: [V] float32 -> (token id, its log-probability under the unmodified distribution).
+
+    ``index`` is which generated token this is: while it is within ``params.forced_token_ids``,
+    the forced token is returned (teacher forcing).
+    """
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
+    if index < len(params.forced_token_ids):
+        tok = params.forced_token_ids[index]
+        return tok, float(logprobs[tok])
     if params.greedy:
         tok = _argmax(logits)
         return tok, float(logprobs[tok])

@@ -23,6 +23,9 @@ class SamplingParams:
     stop_token_ids: token ids that end generation (in addition to the model's EOS).
     ignore_eos: keep generating past the model's end-of-sequence tokens.
     logprobs: return the log-probability of each generated token.
+    forced_token_ids: teacher forcing (analysis): generated token ``i`` is ``forced_token_ids[i]``
+        whatever the logits say (its log-probability is still the model's); sampling resumes after
+        them. The evaluation lab feeds a reference's tokens back this way.
     """
 
     max_tokens: int = 16
@@ -34,6 +37,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False
+    forced_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -49,6 +53,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if any(not isinstance(t, int) or t < 0 for t in self.forced_token_ids):
+            raise ValueError("forced_token_ids must be non-negative token ids")
 
     @property
     def greedy(self) -> bool:
