@@ -20,6 +20,9 @@ class EngineConfig:
     max_prefill_tokens: most prompt tokens one engine step runs for a request whose prefill
         recomputes everything (chunked prefill, so other requests' steps interleave); a reuse
         prefill runs whole. None = unbounded.
+    kv_store: ``redis://host:port/db``: a Redis (or Valkey) tier shared by every replica (None: none).
+    kv_disk: a folder for a local-disk tier (None: none); kv_disk_bytes: its byte budget.
+    kv_store_dtype: K/V dtype in the tiers (``bfloat16``, ``float16``, or ``float32``: bitwise).
     """
 
     model: str | None = None
@@ -31,6 +34,10 @@ class EngineConfig:
     max_num_seqs: int = 64
     high_water: float = 0.9
     max_prefill_tokens: int | None = 512
+    kv_store: str | None = None
+    kv_disk: str | None = None
+    kv_disk_bytes: int = 8 << 30
+    kv_store_dtype: str = "bfloat16"
 
 
 def available_memory_bytes(device: str) -> int:

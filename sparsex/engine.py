@@ -34,6 +34,7 @@ from sparsex.reuse.options import METHODS, ReuseOptions, resolve_reuse
 from sparsex.reuse.planner import Planner
 from sparsex.reuse.prefill import Prefiller, PrefillTask
 from sparsex.reuse.store import SegmentStore
+from sparsex.reuse.tiers import TierCache, TierOptions
 from sparsex.sampler import make_generator, sample
 from sparsex.sampling_params import SamplingParams
 from sparsex.scheduler import Scheduler
@@ -109,6 +110,7 @@ class LLM:
         self.scheduler = Scheduler(self.cache, self.config.max_num_seqs)
         self.store = SegmentStore(self.cache, self.kv, self.spec)
         self.prefiller = Prefiller(self.store, self.runner, self.spec, planners)
+        self.tiers = self._open_tiers()
         self.eos_token_ids = self.tokenizer.eos_token_ids
         self._ids = itertools.count()
         self._generators: dict[str, torch.Generator | None] = {}
@@ -217,6 +219,8 @@ class LLM:
     def step(self) -> list[Request]:
         """Run one engine step: start the prefill of what was admitted, then one prefill chunk or one
         decode batch. Returns the requests that got a new token, finished or failed."""
+        if self.tiers is not None:  # stored segments the waiting prompts can use -> into the pool
+            self.tiers.prefetch(self.scheduler.waiting)
         out = self.scheduler.schedule()
         touched: list[Request] = []
         for req, adm in out.admitted:
@@ -230,6 +234,33 @@ class LLM:
         elif out.decode:
             touched += self._decode(out.decode)
         return touched
+
+    # ----- tiers below the pool --------------------------------------------------------------
+
+    def _open_tiers(self) -> TierCache | None:
+        """The disk / Redis tiers of ``kv_disk`` / ``kv_store`` (restores pinned entries), or None."""
+        c = self.config
+        if c.kv_store is None and c.kv_disk is None:
+            return None
+        if c.kv_store_dtype not in DTYPES:
+            raise ValueError(f"kv_store_dtype must be one of {sorted(DTYPES)}, got {c.kv_store_dtype!r}")
+        options = TierOptions(c.kv_store, c.kv_disk, c.kv_disk_bytes, c.kv_store_dtype)  # type: ignore[arg-type]
+        return TierCache.open(self.store, self.model_path, c.kv_dtype, options)
+
+    def close(self) -> None:
+        """Flush pending store writes and close the tiers (also at process exit); idempotent."""
+        if self.tiers is not None:
+            self.tiers.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def cache_entries(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Store entries this replica's pool holds (for placement by cache affinity); [] without tiers."""
+        return [] if self.tiers is None else self.tiers.entries(namespace)
 
     # ----- internals -----------------------------------------------------------------------
 
@@ -478,7 +509,10 @@ class LLM:
 
     def uncache_segments(self, segment_ids: Sequence[str]) -> int:
         """Unpin segments (their KV stays cached until evicted); returns how many were found."""
-        return sum(bool(self.cache.segments.unpin(sid)) for sid in segment_ids)
+        found = [sid for sid in segment_ids if self.cache.segments.unpin(sid)]
+        if self.tiers is not None:
+            self.tiers.unpinned(found)
+        return len(found)
 
     def list_segments(self, namespace: str | None = None) -> list[dict[str, Any]]:
         """Pinned segments with their size and hit counts."""

@@ -104,7 +104,9 @@ class EntryExpectation:
     fingerprint: str
     namespace: str
     content_hash: str
-    token_ids: Sequence[int]
+    token_ids: Sequence[int] | None
+    """The tokens the caller expects; None when the caller does not know them yet (a lookup by a
+    block of the entry): it must then check that ``content_hash`` is the hash of the returned ids."""
 
 
 def _as_cpu_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -203,8 +205,8 @@ def decode_entry(data: bytes, expect: EntryExpectation) -> KVEntry:
             raise EntryMismatch(f"{field} {got!r} != expected {want!r}")
     token_ids = np.frombuffer(view[offset : offset + 8 * tokens], dtype="<i8").tolist()
     offset += 8 * tokens
-    if token_ids != list(expect.token_ids):
-        raise EntryMismatch(f"token ids differ from the expected {len(expect.token_ids)} tokens")
+    if expect.token_ids is not None and token_ids != list(expect.token_ids):
+        raise EntryMismatch(f"token ids differ from the expected {len(expect.token_ids or ())} tokens")
     positions = np.frombuffer(view[offset : offset + 8 * tokens], dtype="<i8").tolist()
     offset += 8 * tokens
     shape = (layers, tokens, heads, head_dim)

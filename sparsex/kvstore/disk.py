@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote, unquote
 
@@ -132,6 +133,10 @@ class DiskTier:
         except OSError:
             pass
         return data
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """``get`` of each key (a missing key costs one dict lookup, no file system call)."""
+        return [self.get(key) if key in self._index else None for key in keys]
 
     def put(self, key: str, value: bytes) -> bool:
         """Store ``value`` (replacing any old one), evicting LRU files; False if not stored."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 
 import redis
 from redis.backoff import NoBackoff
@@ -120,6 +121,26 @@ class RedisTier:
             return None
         self._reached()
         return value if isinstance(value, bytes) else None
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """One ``MGET`` (one round trip; the keys of one model and namespace share a Cluster slot).
+
+        Same fault handling as ``get``: every fault is all misses."""
+        if not keys:
+            return []
+        if self._skip("get"):
+            return [None] * len(keys)
+        try:
+            values = self._client.mget(list(keys))
+        except _REFUSED:
+            self._reached()
+            self.metrics.error(self.name, "get")
+            return [None] * len(keys)
+        except (redis.RedisError, OSError) as err:
+            self._connection_failed("get", err)
+            return [None] * len(keys)
+        self._reached()
+        return [v if isinstance(v, bytes) else None for v in values]
 
     def put(self, key: str, value: bytes) -> bool:
         if self._skip("put"):

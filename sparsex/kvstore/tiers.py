@@ -33,6 +33,10 @@ class Tier(Protocol):
 
     def get(self, key: str) -> bytes | None: ...
 
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """``get`` of every key, in order, in as few round trips as the backend allows."""
+        ...
+
     def put(self, key: str, value: bytes) -> bool: ...
 
     def delete(self, key: str) -> None: ...
@@ -120,6 +124,24 @@ class TieredStore:
                 return StoreHit(value, tier.name, self.tier_names[:i], seconds)
         self.metrics.miss()
         return None
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, StoreHit]:
+        """Raw bytes of every key some tier holds (unverified: small records such as block indexes);
+        each tier is asked once, for the keys the faster tiers did not have. Hits are not counted
+        in the metrics (they count entries, not these records)."""
+        found: dict[str, StoreHit] = {}
+        todo = list(dict.fromkeys(keys))
+        for i, tier in enumerate(self.tiers):
+            if not todo:
+                break
+            start = time.perf_counter()
+            values = tier.get_many(todo)
+            seconds = time.perf_counter() - start
+            for key, value in zip(todo, values, strict=True):
+                if value is not None:
+                    found[key] = StoreHit(value, tier.name, self.tier_names[:i], seconds)
+            todo = [k for k in todo if k not in found]
+        return found
 
     def load(self, key: str, expect: EntryExpectation) -> LoadedEntry | None:
         """The first copy of ``key`` that decodes and matches ``expect``; None means recompute.

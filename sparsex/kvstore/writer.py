@@ -14,7 +14,7 @@ import atexit
 import logging
 import threading
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -34,6 +34,8 @@ class _Write:
     storage: StorageDtype
     num_bytes: int
     tiers: Collection[str] | None
+    more: tuple[tuple[str, bytes], ...] = ()
+    """Further (key, bytes) written after this one, in order (small records that go with it)."""
 
 
 class BackgroundWriter:
@@ -77,19 +79,26 @@ class BackgroundWriter:
         with self._cond:
             return len(self._queue) + int(self._busy)
 
-    def submit(self, key: str, value: bytes, tiers: Collection[str] | None = None) -> bool:
-        """Queue a write to ``tiers`` (default: all); False if it was dropped (queue full or closed)."""
-        return self._enqueue(_Write(key, value, None, "float32", len(value), tiers))
+    def submit(
+        self, key: str, value: bytes, tiers: Collection[str] | None = None, then: Sequence[tuple[str, bytes]] = ()
+    ) -> bool:
+        """Queue a write to ``tiers`` (default: all); False if it was dropped (queue full or closed).
+        ``then``: as in ``submit_entry``."""
+        num_bytes = len(value) + sum(len(v) for _, v in then)
+        return self._enqueue(_Write(key, value, None, "float32", num_bytes, tiers, tuple(then)))
 
     def submit_entry(
-        self, key: str, entry: KVEntry, storage: StorageDtype, tiers: Collection[str] | None = None
+        self, key: str, entry: KVEntry, storage: StorageDtype, tiers: Collection[str] | None = None,
+        then: Sequence[tuple[str, bytes]] = (),
     ) -> bool:
         """Like ``submit``, but encoding (cast + checksum, ~1 s for 94 MB) also happens in the thread.
 
-        ``entry``'s tensors must be the caller's own copy: the thread reads them later.
+        ``entry``'s tensors must be the caller's own copy: the thread reads them later. ``then``:
+        small (key, bytes) records written after the entry, as part of the same queued write (an
+        index that points at the entry is never stored before the entry itself).
         """
-        num_bytes = entry.keys.nbytes + entry.values.nbytes  # an upper bound on the encoded K/V
-        return self._enqueue(_Write(key, None, entry, storage, num_bytes, tiers))
+        num_bytes = entry.keys.nbytes + entry.values.nbytes + sum(len(v) for _, v in then)
+        return self._enqueue(_Write(key, None, entry, storage, num_bytes, tiers, tuple(then)))
 
     def _enqueue(self, item: _Write) -> bool:
         with self._cond:
@@ -126,6 +135,8 @@ class BackgroundWriter:
                     assert item.entry is not None
                     value = encode_entry(item.entry, item.storage)
                 self.store.put(item.key, value, item.tiers)
+                for key, record in item.more:
+                    self.store.put(key, record, item.tiers)
             except Exception:  # a tier bug must not kill the writer: later writes still matter
                 log.exception("kv store: background write of %s failed", item.key)
             with self._cond:

@@ -10,7 +10,8 @@ blocks hold what is decided by ``sparsex.kv_manager`` (pure Python); this module
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -44,6 +45,23 @@ def _layer_ranges(tables: list[RopeTable]) -> list[tuple[int, int, RopeTable]]:
     return out
 
 
+@dataclass(frozen=True)
+class PublishedSegment:
+    """A segment ``SegmentStore.publish`` just stored from fresh KV.
+
+    slots: the pool slots of its tokens in the publishing request's blocks ([T]); valid only during
+        the ``on_publish`` call (the request's blocks are reused afterwards): copy what you keep.
+    segment_id: its pinned id when it was pinned, else None.
+    """
+
+    token_ids: list[int]
+    namespace: str
+    start_pos: int
+    slots: torch.Tensor
+    segment_id: str | None
+    name: str | None
+
+
 class SegmentStore:
     """Prefix cache + segment index over the engine's block pool and KV tensors."""
 
@@ -57,6 +75,8 @@ class SegmentStore:
         self.pool = manager.pool
         self.kv = kv
         self.spec = spec
+        self.on_publish: Callable[[PublishedSegment], None] | None = None
+        """Told of every segment ``publish`` stored (the engine's tiered store, when configured)."""
 
     def load(self, hits: Sequence[SegmentReuse], block_table: Sequence[int]) -> torch.Tensor:
         """Copy every hit's KV into the request's blocks, keys rotated to the new positions.
@@ -105,30 +125,68 @@ class SegmentStore:
 
         Prefix blocks stop at ``num_exact`` and at the first fresh segment of another namespace
         (a reused one already starts at or after ``num_exact``). Returns the ids of segments pinned
-        (when ``pinned``). A full pool skips publishing.
+        (when ``pinned``). A full pool skips publishing. Each segment published is then reported
+        to ``on_publish`` (the tiered store writes it below the pool).
         """
         num_exact = min(num_exact, own_namespace_len(len(ids), fresh, namespace))
         self.manager.prefix.register(ids, list(block_table), namespace, num_exact)
-        bs = self.pool.block_size
         pinned_ids: list[str] = []
         for span in fresh:
             toks = ids[span.start : span.end]
             ns = span.namespace or namespace
-            missing = self.manager.segments.missing_blocks(toks, ns)
-            try:
-                new = self.pool.allocate(len(missing)) if missing else []
-            except NoFreeBlocksError:
-                continue
-            if missing:
-                j = torch.cat([torch.arange(i * bs, min((i + 1) * bs, len(toks))) for i in missing])
-                block_of = dict(zip(missing, new, strict=True))
-                dst_blocks = torch.tensor([block_of[i] for i in (j // bs).tolist()])
-                dst = dst_blocks * bs + j % bs
-                src = self.kv.slots(list(block_table), span.start + j)
-                self.kv.copy_slots(src.to(self.kv.k.device), dst.to(self.kv.k.device))
-            sid = self.manager.segments.register(
-                toks, ns, span.start, dict(zip(missing, new, strict=True)), pinned=pinned, name=name
-            )
+            slots = self.kv.slots(list(block_table), span.start + torch.arange(len(toks)))
+
+            def copy(j: torch.Tensor, dst: torch.Tensor, slots: torch.Tensor = slots) -> None:
+                self.kv.copy_slots(slots[j].to(self.kv.k.device), dst.to(self.kv.k.device))
+
+            published, sid = self._store_segment(toks, ns, span.start, copy, pinned, name)
             if sid is not None:
                 pinned_ids.append(sid)
+            if published and self.on_publish is not None:
+                self.on_publish(PublishedSegment(toks, ns, span.start, slots, sid, name))
         return pinned_ids
+
+    def publish_kv(
+        self, token_ids: list[int], namespace: str, start_pos: int, keys: torch.Tensor, values: torch.Tensor,
+        pinned: bool = False, name: str | None = None,
+    ) -> tuple[bool, str | None]:
+        """Publish a segment whose KV comes from elsewhere (a store tier), exactly like ``publish``
+        does for fresh KV: the missing blocks get ``keys``/``values`` [L, T, H, D] (keys rotated at
+        ``start_pos + i``, cast to the pool's dtype). Not reported to ``on_publish``.
+
+        Returns (published, pinned segment id); (False, None) when the pool is full.
+        """
+        k_all, v_all = self.kv.k, self.kv.v
+
+        def write(j: torch.Tensor, dst: torch.Tensor) -> None:
+            dst = dst.to(k_all.device)
+            k_all[:, dst] = keys[:, j].to(device=k_all.device, dtype=k_all.dtype)
+            v_all[:, dst] = values[:, j].to(device=v_all.device, dtype=v_all.dtype)
+
+        return self._store_segment(token_ids, namespace, start_pos, write, pinned, name)
+
+    def _store_segment(
+        self, toks: list[int], ns: str, start_pos: int, write: Callable[[torch.Tensor, torch.Tensor], None],
+        pinned: bool, name: str | None,
+    ) -> tuple[bool, str | None]:
+        """Allocate the segment's uncached blocks, ``write(j, dst)`` (segment token indices j into
+        pool slots dst), register them. (False, None) when the pool cannot hold them."""
+        bs = self.pool.block_size
+        missing = self.manager.segments.missing_blocks(toks, ns)
+        try:
+            new = self.pool.allocate(len(missing)) if missing else []
+        except NoFreeBlocksError:
+            return False, None
+        if missing:
+            j = torch.cat([torch.arange(i * bs, min((i + 1) * bs, len(toks))) for i in missing])
+            block_of = dict(zip(missing, new, strict=True))
+            dst_blocks = torch.tensor([block_of[i] for i in (j // bs).tolist()])
+            try:
+                write(j, dst_blocks * bs + j % bs)
+            except Exception:
+                self.pool.release(new)
+                raise
+        sid = self.manager.segments.register(
+            toks, ns, start_pos, dict(zip(missing, new, strict=True)), pinned=pinned, name=name
+        )
+        return True, sid
