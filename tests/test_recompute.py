@@ -45,11 +45,14 @@ def logprobs(llm: LLM, method: str, **opts: object) -> tuple[np.ndarray, dict]:
         ("sparsex", {"budget": 1.0}),
         ("sparsex", {"budget": 1.0, "hybrid": False}),
         ("cacheblend", {"budget": 1.0}),
+        ("cacheblend", {"budget": 1.0, "filter_layers": 5, "filter_start": 3.0}),
+        ("cacheblend-simple", {"budget": 1.0}),
         ("blend", {"budget": 1.0}),
         ("blend", {"budget": 1.0, "narrow_layer": 0}),
         ("blend", {"budget": 1.0, "shift": 1.0}),
         ("epic", {"epic_tokens": 10_000}),
         ("oracle", {"budget": 1.0}),
+        ("oracle-blend", {"budget": 1.0}),
     ],
 )
 def test_recompute_everything_reproduces_none(warm_llm: LLM, method: str, opts: dict) -> None:
@@ -79,6 +82,46 @@ def test_naive_is_an_approximation_and_recomputes_only_new_tokens(warm_llm: LLM)
 def test_budget_controls_the_recompute_set(warm_llm: LLM) -> None:
     sizes = [logprobs(warm_llm, "cacheblend", budget=b)[1]["recomputed"] for b in (0.0, 0.25, 0.5)]
     assert sizes[0] < sizes[1] < sizes[2]
+
+
+def recomputed_positions(llm: LLM, method: str, **opts: object) -> tuple[np.ndarray, float]:
+    """The final recompute set and the cost of a one-token request."""
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    req = llm.add_request(reordered_prompt(), params, reuse={"method": method, "register": False, **opts},
+                          keep_first_logits=True)
+    out = llm.run_to_completion([req])[0]
+    assert out.recomputed_positions is not None
+    return out.recomputed_positions, out.metrics.compute_fraction
+
+
+def test_cacheblend_filters_gradually_down_to_the_budget(warm_llm: LLM) -> None:
+    """Published CacheBlend: the check layer keeps 1.5x the budget by K deviation, the next layers
+    narrow that set to the budget. Its first set is the simplified variant's at 1.5x the budget (the
+    same layer, the same scores), so the final set lies inside it; the extra layers cost more."""
+    simple_lp, _ = logprobs(warm_llm, "cacheblend-simple", budget=0.2)
+    one_step, _ = logprobs(warm_llm, "cacheblend", budget=0.2, filter_layers=0)
+    assert np.array_equal(simple_lp, one_step)  # no stage: the simplified variant exactly
+    final, cost = recomputed_positions(warm_llm, "cacheblend", budget=0.2, filter_layers=2, filter_start=1.5)
+    simple, simple_cost = recomputed_positions(warm_llm, "cacheblend-simple", budget=0.2)
+    wide, wide_cost = recomputed_positions(warm_llm, "cacheblend-simple", budget=0.3)
+    assert len(final) == len(simple) < len(wide)
+    if warm_llm.spec.num_layers - 3 < 1:  # check layer 1, and the final set must run a layer: no stage
+        assert np.array_equal(final, simple) and cost == simple_cost
+        return
+    assert set(final.tolist()) <= set(wide.tolist())
+    assert simple_cost < cost < wide_cost
+
+
+def test_oracle_blend_runs_the_default_pipeline_around_the_true_top_k(warm_llm: LLM) -> None:
+    """oracle-blend = layer 0 dense + (I_nr, true top-k, overflow, tail) + shift; at budget 0 it
+    recomputes blend's extras only, so more than the selection-only oracle, and costs one dense layer."""
+    oracle, oracle_cost = recomputed_positions(warm_llm, "oracle", budget=0.0)
+    full, full_cost = recomputed_positions(warm_llm, "oracle-blend", budget=0.0)
+    assert set(oracle.tolist()) < set(full.tolist())
+    assert full_cost > oracle_cost + 1 / warm_llm.spec.num_layers - 1e-9
+    no_shift, _ = logprobs(warm_llm, "oracle-blend", budget=0.1, shift=0.0)
+    shifted, _ = logprobs(warm_llm, "oracle-blend", budget=0.1, shift=0.5)
+    assert not np.array_equal(no_shift, shifted)
 
 
 def test_oracle_restores_the_loaded_kv_and_ranks_by_true_error(warm_llm: LLM) -> None:
@@ -175,3 +218,22 @@ def test_segment_shift_moves_only_the_idle_reused_tokens_of_this_request(
     assert int(shifted.sum()) <= m["hits"]  # only reused tokens: the others ran or were never loaded
     after, _ = logprobs(warm_llm, "naive")
     assert np.array_equal(before, after)  # the shift wrote into the request's own copy only
+
+
+def test_narrowing_stages_are_validated_and_costed() -> None:
+    """Stages sit at increasing layers after the selection; each larger set's extra layers count."""
+    from sparsex.model_runner import SeqInput
+    from sparsex.reuse.executor import NarrowStage, PlanRun, RecomputePlan, compute_fraction
+
+    seq = SeqInput(list(range(100)), list(range(100)), [0], 100)
+    keep = lambda inp: inp.positions  # noqa: E731
+    with pytest.raises(ValueError):
+        RecomputePlan(seq, 2, torch.arange(10), stages=(NarrowStage(3, keep), NarrowStage(3, keep)))
+    with pytest.raises(ValueError):
+        RecomputePlan(seq, 2, torch.arange(10), stages=(NarrowStage(1, keep),))
+    with pytest.raises(ValueError):
+        RecomputePlan(seq, 0, torch.arange(10), stages=(NarrowStage(2, keep),))
+    plan = RecomputePlan(seq, 2, torch.arange(40), stages=(NarrowStage(2, keep), NarrowStage(4, keep)))
+    run = PlanRun(torch.zeros(1), torch.arange(10), stage_sizes=(40, 20))
+    # layers 0-1 all 100 tokens; layer 2: 40; layers 3-4: 20; layers 5-9: 10
+    assert compute_fraction(plan, run, 10, 100) == pytest.approx((2 * 100 + 40 + 2 * 20 + 5 * 10) / 1000)

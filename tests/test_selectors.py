@@ -9,10 +9,11 @@ from sparsex.models.attention import attention_probs
 from sparsex.reuse.selectors import (
     deviation_scores,
     epic_positions,
+    filter_schedule,
     kv_deviation_scores,
     normalized,
-    query_mass,
     overflow_positions,
+    query_mass,
     runs,
     sparse_q_scores,
     tail_positions,
@@ -112,3 +113,11 @@ def test_query_mass_scores_only_the_non_reused_queries() -> None:
     probs = attention_probs(q[[0, 2]], k, positions[[0, 2]], scale=0.5)
     assert torch.allclose(got, sparse_q_scores(probs, 5))
     assert got[3] > 0 and float(got.sum()) == pytest.approx(4.0)  # 2 queries x 2 heads, each sums to 1
+
+
+def test_filter_schedule_shrinks_linearly_to_the_budget() -> None:
+    assert filter_schedule(20, 100, 1.5, 2) == [30, 25, 20]
+    assert filter_schedule(20, 100, 1.5, 0) == [20]  # no stage: one selection of the budget
+    assert filter_schedule(20, 25, 2.0, 1) == [25, 20]  # never more than the reused tokens
+    assert filter_schedule(100, 100, 1.5, 3) == [100, 100, 100, 100]  # full budget stays full
+    assert filter_schedule(0, 100, 1.5, 2) == [0, 0, 0]

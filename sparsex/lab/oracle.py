@@ -1,7 +1,15 @@
-"""The ``oracle`` reuse method (analysis only): recompute the reused tokens whose cached KV is most
-wrong, measured with a full prefill. It shows the headroom of any selector and costs a full prefill,
-so it lives in the lab and the server never offers it. Give it to an engine with
+"""The oracle reuse methods (analysis only): recompute the reused tokens whose cached KV is most
+wrong, measured with a full prefill. They show the headroom of any selector and cost a full prefill,
+so they live in the lab and the server never offers them. Give them to an engine with
 ``LLM(planners=LAB_PLANNERS)``.
+
+Two, named so that no table compares unlike things:
+- ``oracle``: selection only (no dense layer, overflow, tail or shift): ``I_nr`` + top-k by true
+  error. Compare it with other *selectors*.
+- ``oracle-blend``: the default's whole pipeline with the true-error top-k as its final set: layer
+  0 dense, no probe (the oracle needs none), overflow after each new-text run, tail, and the segment
+  shift from layer 1. Compare it with ``blend``: the gap is what a better selector could still gain.
+The measuring prefill is not counted in either's cost.
 """
 
 from __future__ import annotations
@@ -10,9 +18,10 @@ import torch
 
 from sparsex.model_runner import SeqInput
 from sparsex.reuse.executor import RecomputePlan
-from sparsex.reuse.options import ReuseOptions
-from sparsex.reuse.planner import PlanContext, ReuseSituation
+from sparsex.reuse.options import ReuseOptions, shift_weight
+from sparsex.reuse.planner import PlanContext, Planner, ReuseSituation, recompute_extras
 from sparsex.reuse.selectors import top_k_reused, union
+from sparsex.reuse.shift import segment_shift
 
 
 def true_kv_error(ctx: PlanContext, seq: SeqInput, reused: torch.Tensor) -> torch.Tensor:
@@ -33,13 +42,26 @@ def true_kv_error(ctx: PlanContext, seq: SeqInput, reused: torch.Tensor) -> torc
     return out
 
 
+def _oracle_top_k(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> torch.Tensor:
+    error = true_kv_error(ctx, sit.seq, sit.reused)
+    return top_k_reused(error, sit.reused, int(round(opts.budget * sit.num_reused)))
+
+
 def plan_oracle(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
     """Selection only: no dense layer, no overflow, no shift; ``I_nr`` plus the top ``budget`` of the
     reused tokens by their true KV error."""
-    error = true_kv_error(ctx, sit.seq, sit.reused)
-    k = int(round(opts.budget * sit.num_reused))
-    return RecomputePlan(sit.seq, 0, union(sit.i_nr, top_k_reused(error, sit.reused, k)))
+    return RecomputePlan(sit.seq, 0, union(sit.i_nr, _oracle_top_k(opts, sit, ctx)))
 
 
-LAB_PLANNERS = {"oracle": plan_oracle}
+def plan_oracle_blend(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
+    """``blend``'s pipeline with the true-error top-k as the final set: layer 0 dense, then
+    ``I_nr`` + top-k + overflow + tail for every later layer, with the segment shift from layer 1."""
+    chosen = union(sit.i_nr, _oracle_top_k(opts, sit, ctx), recompute_extras(opts, sit, ctx))
+    adjust, weight = None, shift_weight(opts, ctx.spec.family)
+    if weight > 0:
+        adjust = segment_shift(ctx.kv, ctx.spec, sit.seq.block_table, sit.reused, sit.segment_runs, weight)
+    return RecomputePlan(sit.seq, 1, chosen, adjust=adjust, adjust_from=1)
+
+
+LAB_PLANNERS: dict[str, Planner] = {"oracle": plan_oracle, "oracle-blend": plan_oracle_blend}
 """The lab's analysis-only reuse methods, for ``LLM(planners=...)``."""

@@ -1,7 +1,10 @@
 """Run a recompute plan: one forward pass, dense in early layers, sparse (the recompute set) after.
 
-    layers   0 .. dense_layers-1      select_layer       .. narrow_layer        .. L-1
-    tokens   every prompt token   ->  probe / capture -> candidates (narrow) -> recompute set R
+    layers   0 .. dense_layers-1      select_layer       .. stage 1 .. stage m       .. L-1
+    tokens   every prompt token   ->  probe / capture -> S0 ⊇ S1 ⊇ ... ⊇ S_m = recompute set R
+
+Each narrowing stage runs its layer for the current set, then keeps a subset for the layers after
+it (CacheBlend's gradual filtering is several stages; ``blend``'s second selection is one).
 
 A ``RecomputePlan`` is immutable data built by ``sparsex.reuse.planner``; ``run_plan`` executes it
 and returns a ``PlanRun`` saying what it ran. Selection happens through the plan's selectors (pure
@@ -46,6 +49,15 @@ KVAdjust = Callable[[int, SeqSlice, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
+class NarrowStage:
+    """After ``layer`` has run for the current set, ``select`` returns the tokens that go on (the
+    executor keeps the current set's members among them; the last position must stay)."""
+
+    layer: int
+    select: Selector
+
+
+@dataclass(frozen=True)
 class RecomputePlan:
     """A prefill whose later layers run only on a recompute set.
 
@@ -62,9 +74,10 @@ class RecomputePlan:
         before the pass unless they are selected (keeps unselected reused tokens' KV consistent
         across layers: stale throughout rather than fresh below and stale above). Layer 0 needs no
         restore: its KV depends on the token and position only.
-    narrow: a second selection (``probe`` plans only): after layer ``narrow_layer`` (> dense_layers)
-        has run for the first selection, returns the subset that runs the remaining layers. With
-        ``restore``, the dropped tokens' KV in layers ``1..narrow_layer`` is put back.
+    stages: narrowing stages at strictly increasing layers, each >= ``dense_layers`` (and after
+        ``select_layer``): after the stage's layer has run for the current set, its selector keeps
+        the subset that runs the following layers. With ``restore``, the dropped tokens' KV in
+        layers ``1..stage layer`` is put back.
     adjust: called before each layer from ``adjust_from`` on writes the running tokens' fresh K/V
         (``StepContext.before_write``): it may correct the cached KV of the tokens that do not run.
     """
@@ -76,14 +89,16 @@ class RecomputePlan:
     select_layer: int = 0
     probe: bool = False
     restore: torch.Tensor | None = None
-    narrow: Selector | None = None
-    narrow_layer: int = 0
+    stages: tuple[NarrowStage, ...] = ()
     adjust: KVAdjust | None = None
     adjust_from: int = 0
 
-    @property
-    def narrows(self) -> bool:
-        return self.narrow is not None and self.probe and self.narrow_layer > self.dense_layers
+    def __post_init__(self) -> None:
+        layers = [st.layer for st in self.stages]
+        if layers != sorted(set(layers)) or (layers and layers[0] < max(self.dense_layers, self.select_layer + 1)):
+            raise ValueError(f"narrowing stages must be at increasing layers after the selection, got {layers}")
+        if layers and self.dense_layers == 0 and not self.probe:
+            raise ValueError("narrowing stages need a dense layer or a probe before them")
 
 
 @dataclass(frozen=True)
@@ -92,12 +107,14 @@ class PlanRun:
 
     logits: [V] float32 logits of the last prompt position.
     recomputed: positions that ran the last layer (the final recompute set), ascending.
-    num_candidates: positions that ran layers ``dense_layers..narrow_layer`` (0 without narrowing).
+    stage_sizes: with narrowing stages, the size of the set that ran up to each stage's layer
+        (S0 from ``dense_layers`` through stage 1's layer, S1 from there through stage 2's, ...);
+        empty without stages.
     """
 
     logits: torch.Tensor
     recomputed: torch.Tensor
-    num_candidates: int = 0
+    stage_sizes: tuple[int, ...] = ()
 
 
 def run_plan(runner: ModelRunner, plan: RecomputePlan) -> PlanRun:
@@ -143,11 +160,11 @@ class _Pass:
 
 
 def _run_dense_first(runner: ModelRunner, plan: RecomputePlan) -> PlanRun:
-    """Dense layers (or a probe) first, then the selected set; optionally narrowed once more."""
+    """Dense layers (or a probe) first, then the selected set, narrowed at each stage."""
     ps, kv, s = _Pass(runner, plan), runner.kv, plan.seq
     saved = _save_restore_kv(kv, plan)
-    narrowing = plan.narrows
-    chosen, num_candidates = plan.recompute, 0
+    stages = {st.layer: st for st in plan.stages}
+    chosen, sizes = plan.recompute, []
     active = torch.arange(ps.start, s.ctx_len, device=ps.dev)
     x = ps.model.embed(ps.tokens)
     for i in range(ps.model.spec.num_layers):
@@ -156,23 +173,22 @@ def _run_dense_first(runner: ModelRunner, plan: RecomputePlan) -> PlanRun:
             chosen = ps.select_probe(plan.select, i, x, active)
         if i == plan.dense_layers:
             x, active = x[chosen - ps.start], chosen
-            num_candidates = int(chosen.numel())
-            if saved and plan.restore is not None and not narrowing:
+            if saved and plan.restore is not None and not stages:
                 _restore(kv, s.block_table, plan.restore, chosen, saved)
-        narrow_here = narrowing and i == plan.narrow_layer
+        stage = stages.get(i)
         select_here = plan.select is not None and not plan.probe and i == plan.select_layer
-        step = ps.context(active, i if select_here or narrow_here else None, i)
+        step = ps.context(active, i if select_here or stage else None, i)
         x = ps.model.layer_forward(i, x, step)
         if select_here:
             assert plan.select is not None
             chosen = ps.select_captured(plan.select, i, step)
-        elif narrow_here:
-            assert plan.narrow is not None
-            keep = torch.isin(active, ps.select_captured(plan.narrow, i, step))
+        elif stage is not None:
+            sizes.append(int(active.numel()))
+            keep = torch.isin(active, ps.select_captured(stage.select, i, step))
             x, active = x[keep], active[keep]
             if saved and plan.restore is not None:
                 _restore(kv, s.block_table, plan.restore, active, saved)
-    return PlanRun(ps.logits(x), active, num_candidates if narrowing else 0)
+    return PlanRun(ps.logits(x), active, tuple(sizes))
 
 
 def _run_sparse(runner: ModelRunner, plan: RecomputePlan) -> PlanRun:
@@ -196,7 +212,7 @@ def _save_restore_kv(kv: KVCache, plan: RecomputePlan) -> list[tuple[int, torch.
     if plan.restore is None or not plan.restore.numel():
         return []
     slots = kv.slots(plan.seq.block_table, plan.restore.to(kv.k.device))
-    last = plan.narrow_layer + 1 if plan.narrows else plan.dense_layers
+    last = plan.stages[-1].layer + 1 if plan.stages else plan.dense_layers
     saved = []
     for i in range(1, last):
         k_old, v_old = kv.read(i, slots)
@@ -226,8 +242,10 @@ def compute_fraction(plan: RecomputePlan, run: PlanRun, num_layers: int, prompt_
     """
     ran, recomputed = len(plan.seq.token_ids), int(run.recomputed.numel())
     work: float = plan.dense_layers * ran + (num_layers - plan.dense_layers) * recomputed
-    if run.num_candidates:  # the candidates ran dense_layers..narrow_layer
-        work += (plan.narrow_layer + 1 - plan.dense_layers) * (run.num_candidates - recomputed)
+    start = plan.dense_layers
+    for stage, size in zip(plan.stages, run.stage_sizes, strict=True):  # the larger sets before each stage
+        work += (stage.layer + 1 - start) * (size - recomputed)
+        start = stage.layer + 1
     if plan.probe:
         work += 0.25 * ran
     elif plan.dense_layers == 0 and plan.select is not None:

@@ -6,7 +6,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, replace
 from typing import Any
 
-METHODS = ("none", "prefix", "naive", "epic", "cacheblend", "sparsex", "blend")
+METHODS = ("none", "prefix", "naive", "epic", "cacheblend", "cacheblend-simple", "sparsex", "blend")
 """The built-in methods. The evaluation lab adds analysis-only ones (``oracle``) to an engine it
 builds (``LLM(planners=...)``); the server serves only these."""
 SERVING_METHODS = METHODS
@@ -20,7 +20,9 @@ class ReuseOptions:
     method: one of METHODS (see docs/REUSE.md):
         none: full prefill. prefix: exact prefix cache only. naive: reuse every hit as is.
         epic: recompute the first ``epic_tokens`` of each reused segment.
-        cacheblend: dense through ``check_layer``, then top tokens by K deviation.
+        cacheblend: as published: dense through ``check_layer``, then top tokens by K deviation,
+            filtered gradually over the next ``filter_layers`` layers down to the budget.
+        cacheblend-simple: one selection at ``check_layer`` (no gradual filtering).
         sparsex: the paper's Sparse-Q selection at ``boundary`` (hybrid) or layer 0.
         blend: our default, see docs/REUSE.md.
         Any other name must be a method the engine was given (``LLM(planners=...)``).
@@ -35,6 +37,10 @@ class ReuseOptions:
     epic_tokens: epic: leading tokens recomputed per reused segment.
     check_layer: cacheblend: layer at which K deviation is measured (dense through it); blend: the
         probed layer (dense before it).
+    filter_layers: cacheblend: layers after ``check_layer`` over which the selection narrows (each
+        keeps the top of the previous set by its own K deviation); 0 = one selection.
+    filter_start: cacheblend: the check layer keeps this multiple of the budget; the stages shrink it
+        linearly to the budget (the paper picks "slightly more" tokens at first).
     narrow_layer: blend: 0 (or <= check_layer) = off; else select in two stages: the probe at
         ``check_layer`` picks ``candidates`` x the budget by K+V deviation, layers
         ``check_layer..narrow_layer`` run for those candidates only, and K+V deviation plus the
@@ -64,6 +70,8 @@ class ReuseOptions:
     tail_tokens: int = 64
     epic_tokens: int = 16
     check_layer: int = 1
+    filter_layers: int = 3
+    filter_start: float = 1.5
     narrow_layer: int = 3
     candidates: float = 3.0
     shift: float | None = None
@@ -83,9 +91,11 @@ class ReuseOptions:
             raise ValueError(f"boundary layer must be >= 0, got {self.boundary}")
         if self.shift is not None and not 0.0 <= self.shift <= 1.0:
             raise ValueError(f"shift must be in [0, 1], got {self.shift}")
+        if self.filter_start < 1.0:
+            raise ValueError(f"filter_start must be >= 1 (a multiple of the budget), got {self.filter_start}")
         if self.candidates < 1.0:
             raise ValueError(f"candidates must be >= 1 (a multiple of the budget), got {self.candidates}")
-        for name in ("overflow_blocks", "tail_tokens", "epic_tokens", "check_layer", "narrow_layer"):
+        for name in ("overflow_blocks", "tail_tokens", "epic_tokens", "check_layer", "narrow_layer", "filter_layers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
 

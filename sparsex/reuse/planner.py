@@ -15,11 +15,12 @@ import torch
 from sparsex.kv_cache import KVCache
 from sparsex.model_runner import ModelRunner, SeqInput
 from sparsex.models.base import ModelSpec
-from sparsex.reuse.executor import RecomputePlan, SelectionInputs
+from sparsex.reuse.executor import NarrowStage, RecomputePlan, SelectionInputs, Selector
 from sparsex.reuse.options import ReuseOptions, boundary_layer, shift_weight
 from sparsex.reuse.selectors import (
     deviation_scores,
     epic_positions,
+    filter_schedule,
     kv_deviation_scores,
     overflow_positions,
     query_mass,
@@ -107,8 +108,9 @@ def plan_epic(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> Reco
     return RecomputePlan(sit.seq, 0, union(sit.i_nr, epic_positions(sit.segment_runs, opts.epic_tokens)))
 
 
-def plan_cacheblend(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
-    """Dense through the check layer, then the top reused tokens by K deviation there."""
+def plan_cacheblend_simple(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
+    """Simplified CacheBlend: dense through the check layer, then the top reused tokens by K
+    deviation there, in one step (no gradual filtering)."""
     check, k = min(opts.check_layer, ctx.spec.num_layers - 1), _budget(opts, sit)
 
     def select(inp: SelectionInputs) -> torch.Tensor:
@@ -117,8 +119,34 @@ def plan_cacheblend(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -
     return RecomputePlan(sit.seq, check + 1, sit.i_nr, select, check)
 
 
-def _extras(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> torch.Tensor:
-    """Overflow blocks next to every non-reused run, and the tail fallback."""
+def plan_cacheblend(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
+    """CacheBlend as published: gradual filtering. Dense through the check layer, where the top
+    ``filter_start`` x budget reused tokens by K deviation are kept; each of the next
+    ``filter_layers`` layers runs for the kept set and keeps the top of *that* set by its own K
+    deviation, shrinking linearly to the budget. Their fresh KV stays written (no restore)."""
+    layers, k = ctx.spec.num_layers, _budget(opts, sit)
+    check = min(opts.check_layer, layers - 1)
+    steps = max(0, min(opts.filter_layers, layers - 2 - check))  # the final set runs at least one layer
+    sizes = filter_schedule(k, sit.num_reused, opts.filter_start, steps)
+
+    def top(size: int, among: torch.Tensor) -> Selector:
+        def select(inp: SelectionInputs) -> torch.Tensor:
+            pool = among.clone()
+            if inp.layer > check:  # a later stage ranks only the tokens that ran this layer
+                pool = torch.zeros_like(among)
+                pool[inp.positions.cpu()] = True
+                pool &= among
+            scores = kv_deviation_scores(inp.k_fresh, inp.k_cached).cpu()
+            return union(sit.i_nr, top_k_reused(scores, pool, size))
+
+        return select
+
+    stages = tuple(NarrowStage(check + j, top(size, sit.reused)) for j, size in enumerate(sizes[1:], start=1))
+    return RecomputePlan(sit.seq, check + 1, sit.i_nr, top(sizes[0], sit.reused), check, stages=stages)
+
+
+def recompute_extras(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> torch.Tensor:
+    """Overflow blocks next to every non-reused run, and the tail fallback (sparsex, blend)."""
     before = opts.method == "sparsex" if opts.overflow_before is None else opts.overflow_before
     width = opts.overflow_blocks * ctx.kv.block_size
     return union(
@@ -135,7 +163,7 @@ def _query_mass(sit: ReuseSituation, ctx: PlanContext, inp: SelectionInputs) -> 
 
 def plan_sparsex(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
     """The paper's method: Sparse-Q at ℓ* (hybrid: layers 0..ℓ* dense) or at layer 0."""
-    extras, k = _extras(opts, sit, ctx), _budget(opts, sit)
+    extras, k = recompute_extras(opts, sit, ctx), _budget(opts, sit)
 
     def select(inp: SelectionInputs) -> torch.Tensor:
         return union(sit.i_nr, top_k_reused(_query_mass(sit, ctx, inp), sit.reused, k), extras)
@@ -153,7 +181,7 @@ def plan_blend(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> Rec
     check = max(1, min(opts.check_layer, layers - 1))
     narrow_at = min(opts.narrow_layer, layers - 1)
     narrow = narrow_at > check
-    extras, k = _extras(opts, sit, ctx), _budget(opts, sit)
+    extras, k = recompute_extras(opts, sit, ctx), _budget(opts, sit)
     first_k = min(sit.num_reused, int(round(opts.candidates * k))) if narrow else k
 
     def select(inp: SelectionInputs) -> torch.Tensor:
@@ -176,7 +204,7 @@ def plan_blend(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> Rec
         adjust = segment_shift(ctx.kv, ctx.spec, sit.seq.block_table, sit.reused, sit.segment_runs, weight)
     return RecomputePlan(
         sit.seq, check, sit.i_nr, select, check, probe=True, restore=torch.nonzero(sit.reused).flatten(),
-        narrow=narrow_select if narrow else None, narrow_layer=narrow_at,
+        stages=(NarrowStage(narrow_at, narrow_select),) if narrow else (),
         adjust=adjust, adjust_from=narrow_at + 1 if narrow else check,  # once the recompute set is final
     )
 
@@ -185,6 +213,7 @@ PLANNERS: dict[str, Planner] = {
     "naive": plan_naive,
     "epic": plan_epic,
     "cacheblend": plan_cacheblend,
+    "cacheblend-simple": plan_cacheblend_simple,
     "sparsex": plan_sparsex,
     "blend": plan_blend,
 }

@@ -138,6 +138,20 @@ def epic_positions(segment_runs: list[tuple[int, int]], tokens: int) -> torch.Te
     return torch.cat(pos) if pos else torch.zeros(0, dtype=torch.int64)
 
 
+def filter_schedule(k: int, num_reused: int, start: float, steps: int) -> list[int]:
+    """CacheBlend's gradual filtering: how many reused tokens each selection keeps.
+
+    The first keeps ``start`` x ``k`` (at most ``num_reused``), each of the ``steps`` following
+    ones a linearly smaller number, the last exactly ``k``. Returns ``steps + 1`` sizes
+    (``[k]`` when ``steps == 0``: one selection of the budget).
+    """
+    k = max(0, min(k, num_reused))
+    if steps <= 0:
+        return [k]
+    first = max(k, min(num_reused, int(round(start * k))))
+    return [int(round(first - (first - k) * j / steps)) for j in range(steps + 1)]
+
+
 def union(*parts: torch.Tensor) -> torch.Tensor:
     """Sorted unique union of position tensors."""
     non_empty = [p.flatten().to(torch.int64) for p in parts if p.numel()]
