@@ -307,6 +307,8 @@ class LLM:
         m.reuse_overhead_s = task.adm.lookup_s + res.load_s
         m.segment_sources = res.segment_sources
         m.segment_hit_tokens_by_source = res.hit_tokens_by_source
+        m.num_reused_runs = len(task.adm.hits)
+        m.num_seam_lost_tokens = task.adm.num_seam_lost_tokens
         if req.pin is not None:  # a pin computes KV only
             req.finish_reason = "stop"
             self._finish(req)

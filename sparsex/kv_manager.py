@@ -30,16 +30,23 @@ MIN_AUTO_CHUNK = 16
 
 @dataclass(frozen=True)
 class SegmentReuse:
-    """One segment's cached KV found for a request: prompt tokens ``[span.start, span.start + num_tokens)``.
+    """One cached run found for a request: prompt tokens ``[span.start, span.start + num_tokens)``.
 
-    src_blocks: the cached blocks holding them (one reference each, owned by the admission).
+    span: where the run sits in the prompt; its source is that of the prompt segment holding the
+        run's first token (``explicit``, ``chat``, ``pinned``), else ``auto`` (plain text).
+    src_blocks: the entry's blocks holding the run (one reference each, owned by the admission).
     src_positions: each source block's original absolute position (for RoPE re-alignment).
+    first_offset: slot of the run's first token in ``src_blocks[0]`` (runs start anywhere in an entry).
+
+    Run token ``j`` is entry slot ``k = first_offset + j``: block ``src_blocks[k // B]``, slot
+    ``k % B``, originally at position ``src_positions[k // B] + k % B``.
     """
 
     span: SegmentSpan
     num_tokens: int
     src_blocks: tuple[int, ...]
     src_positions: tuple[int, ...]
+    first_offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,12 @@ class Admission:
     hits: tuple[SegmentReuse, ...]
     spans: tuple[SegmentSpan, ...]
     lookup_s: float = 0.0
+
+    @property
+    def num_seam_lost_tokens(self) -> int:
+        """Tokens of prompt segments that were found in part but not these ones (lost at seams:
+        BPE merges across a boundary, edited text, runs shorter than the minimum)."""
+        return seam_lost_tokens(self.spans, self.hits)
 
     @property
     def num_segment_tokens(self) -> int:
@@ -89,13 +102,56 @@ def own_namespace_len(n: int, spans: Sequence[SegmentSpan], namespace: str) -> i
     return min((s.start for s in spans if (s.namespace or namespace) != namespace), default=n)
 
 
-class KVCacheManager:
-    """Prefix cache + segment index over the block pool: lookup, admission, growth, release."""
+def seam_lost_tokens(spans: Sequence[SegmentSpan], hits: Sequence[SegmentReuse]) -> int:
+    """Tokens of the spans that overlap a hit but are covered by none."""
+    covered = sorted((h.span.start, h.span.start + h.num_tokens) for h in hits)
+    lost = 0
+    for s in spans:
+        inside = [(max(a, s.start), min(b, s.end)) for a, b in covered if a < s.end and b > s.start]
+        if inside:
+            lost += (s.end - s.start) - sum(b - a for a, b in inside)
+    return lost
 
-    def __init__(self, pool: BlockPool, model_id: str) -> None:
+
+def namespace_regions(start: int, end: int, spans: Sequence[SegmentSpan], ns: str) -> list[tuple[int, int, str]]:
+    """``[start, end)`` cut into maximal regions searched in one namespace each: a span salted with
+    another namespace is searched in its own; everything else in the request's ``ns``."""
+    foreign = sorted((s.start, s.end, s.namespace) for s in spans if s.namespace and s.namespace != ns)
+    out: list[tuple[int, int, str]] = []
+    cursor = start
+    for a, b, other in foreign:
+        a, b = max(a, start), min(b, end)
+        if b <= cursor:
+            continue
+        if a > cursor:
+            out.append((cursor, a, ns))
+        out.append((max(a, cursor), b, other))
+        cursor = b
+    if cursor < end:
+        out.append((cursor, end, ns))
+    return out
+
+
+def source_at(spans: Sequence[SegmentSpan], position: int) -> str:
+    """The source of the prompt segment holding ``position`` (annotated ones first), else ``auto``."""
+    best = "auto"
+    for s in spans:
+        if s.start <= position < s.end and s.source != "auto":
+            return str(s.source)
+    return best
+
+
+class KVCacheManager:
+    """Prefix cache + segment index over the block pool: lookup, admission, growth, release.
+
+    min_run: shortest cached token run reused anywhere in a prompt (None: one block).
+    """
+
+    def __init__(self, pool: BlockPool, model_id: str, min_run: int | None = None) -> None:
         self.pool = pool
         self.prefix = PrefixCache(pool, model_id)
         self.segments = SegmentIndex(pool, model_id)
+        self.min_run = min_run if min_run is not None else pool.block_size
 
     @property
     def block_size(self) -> int:
@@ -118,7 +174,8 @@ class KVCacheManager:
         if opts.auto_segments:
             spans += auto_spans(n, req.prompt_token_ids, spans, opts.namespace)
         prefix_len, prefix_blocks, hits = self.lookup(
-            req.prompt_token_ids, spans, opts.namespace, prefix=opts.uses_prefix, segments=opts.reuses_segments
+            req.prompt_token_ids, spans, opts.namespace, prefix=opts.uses_prefix, segments=opts.reuses_segments,
+            plain_text=opts.auto_segments,
         )
         # Hits on cached free blocks took them off the free list; hand hits back until it fits.
         while need - len(prefix_blocks) > self.pool.num_free_blocks - reserved_blocks and hits:
@@ -132,9 +189,13 @@ class KVCacheManager:
         return Admission(prefix_len, tuple(table), tuple(hits), tuple(spans), time.perf_counter() - t0)
 
     def lookup(
-        self, ids: list[int], spans: list[SegmentSpan], ns: str, *, prefix: bool, segments: bool
+        self, ids: list[int], spans: list[SegmentSpan], ns: str, *, prefix: bool, segments: bool,
+        plain_text: bool = True,
     ) -> tuple[int, list[int], list[SegmentReuse]]:
-        """Exact prefix (length, blocks), then segment hits after it; takes a reference on every block."""
+        """Exact prefix (length, blocks), then cached runs after it; takes a reference on every block.
+
+        ``plain_text=False`` searches only inside the prompt's segments (explicit, chat), not in
+        unannotated text."""
         n, bs = len(ids), self.block_size
         prefix_blocks: list[int] = []
         if prefix:
@@ -147,16 +208,19 @@ class KVCacheManager:
         hits: list[SegmentReuse] = []
         if not segments:
             return prefix_len, prefix_blocks, hits
-        for span in sorted(spans, key=lambda s: s.start):
-            if span.start < prefix_len:
+        # Any cached run of at least min_run tokens, at any offset of the prompt and of an entry,
+        # whatever the segments were cut at; never the last token (its logits are needed).
+        regions = namespace_regions(prefix_len, n - 1, spans, ns)
+        if not plain_text:
+            regions = [(max(a, s.start), min(b, s.end), r_ns) for a, b, r_ns in regions for s in spans
+                       if s.source != "auto" and max(a, s.start) < min(b, s.end)]
+        for a, b, region_ns in regions:
+            if b - a < self.min_run:
                 continue
-            hit = self.segments.match(ids[span.start : span.end], span.namespace or ns)
-            usable = min(hit.num_tokens, n - 1 - span.start)  # never reuse the last token
-            keep_blocks = self.blocks_for(usable) if usable > 0 else 0
-            self.pool.release(hit.block_ids[keep_blocks:])
-            if usable > 0:
-                hits.append(SegmentReuse(span, usable, tuple(hit.block_ids[:keep_blocks]),
-                                         tuple(hit.positions[:keep_blocks])))
+            for run in self.segments.find_runs(ids[a:b], region_ns, self.min_run).runs:
+                start = a + run.prompt_start
+                span = SegmentSpan(start, start + run.num_tokens, source_at(spans, start), region_ns)  # type: ignore[arg-type]
+                hits.append(SegmentReuse(span, run.num_tokens, run.block_ids, run.positions, run.first_offset))
         return prefix_len, prefix_blocks, hits
 
     def allocate_prompt(self, req: Request) -> list[int]:

@@ -43,7 +43,10 @@ class RequestMetrics:
     num_recomputed_tokens: prompt tokens that ran through the sparse (post-boundary) layers.
     compute_fraction: fraction of a full prefill's per-layer token work actually done.
     segment_sources: how many segments the prompt has per source (explicit, chat, auto).
-    segment_hit_tokens_by_source: reused tokens per source of the segment that supplied them.
+    segment_hit_tokens_by_source: reused tokens per source of the prompt segment they sit in
+        (``explicit``, ``chat`` messages, ``pinned``; ``auto`` for plain text).
+    num_reused_runs: cached token runs the prompt reused (each from one entry, at any offset).
+    num_seam_lost_tokens: tokens of prompt segments found in part but not these (seams, edits).
     reuse_overhead_s: seconds spent finding cached KV and loading/aligning it into the request.
     reuse: the reuse method that served the request.
     """
@@ -58,6 +61,8 @@ class RequestMetrics:
     compute_fraction: float = 1.0
     segment_sources: dict[str, int] = field(default_factory=dict)
     segment_hit_tokens_by_source: dict[str, int] = field(default_factory=dict)
+    num_reused_runs: int = 0
+    num_seam_lost_tokens: int = 0
     reuse_overhead_s: float = 0.0
     reuse: str = "none"
 

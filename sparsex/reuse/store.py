@@ -88,11 +88,11 @@ class SegmentStore:
         bs = self.pool.block_size
         src, frm, to = [], [], []
         for h in hits:
-            j = torch.arange(h.num_tokens)
-            blocks = torch.tensor(h.src_blocks)[j // bs]
-            src.append(blocks * bs + j % bs)
-            frm.append(torch.tensor(h.src_positions)[j // bs] + j % bs)
-            to.append(h.span.start + j)
+            k = h.first_offset + torch.arange(h.num_tokens)  # entry slots of the run's tokens
+            blocks = torch.tensor(h.src_blocks)[k // bs]
+            src.append(blocks * bs + k % bs)
+            frm.append(torch.tensor(h.src_positions)[k // bs] + k % bs)
+            to.append(h.span.start + torch.arange(h.num_tokens))
         src_slots, from_pos, to_pos = torch.cat(src), torch.cat(frm), torch.cat(to)
         dst_slots = self.kv.slots(list(block_table), to_pos)
         dev = self.kv.k.device
