@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -93,3 +95,19 @@ class StoreMetrics:
 
     def dropped(self, reason: str) -> None:
         self._f.dropped_writes.labels(reason).inc()
+
+
+class _StoreFamilies:
+    """A registry view with only the store's families (a collector source for ``generate_latest``)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        return (m for m in self.registry.collect() if m.name.startswith("sparsex_kvstore_"))
+
+
+def store_exposition(registry: CollectorRegistry | None = None) -> bytes:
+    """The store's metrics in the Prometheus text format (default: the global registry), for a server
+    that keeps its own registry and appends these to its ``/metrics``."""
+    return bytes(generate_latest(_StoreFamilies(REGISTRY if registry is None else registry)))

@@ -27,6 +27,7 @@ from sparsex.server.engine_loop import EngineLoop
 from sparsex.server.lifecycle import Lifecycle, ServerMiddleware
 from sparsex.server.limits import read_json
 from sparsex.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from sparsex.server.placement import cache_entries
 from sparsex.server.protocol import APIError, reuse_methods, validation_error
 from sparsex.server.segments import SegmentService
 from sparsex.server.serving import OpenAIServing
@@ -140,6 +141,11 @@ def create_app(llm: ServedLLM, config: ServerConfig | None = None, **options: An
     async def delete_segment(segment_id: str, request: Request) -> JSONResponse:
         tenant = admit(request)
         return JSONResponse(await segments.delete(segment_id, tenant))
+
+    @app.get("/v1/cache/entries")
+    async def list_cache_entries(request: Request) -> JSONResponse:
+        tenant = admit(request)
+        return JSONResponse(await cache_entries(engine, tenant, request.query_params.get("namespace")))
 
     return app
 

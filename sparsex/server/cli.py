@@ -57,6 +57,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     sec.add_argument("--max-json-depth", type=int, default=32, help="deepest JSON nesting (400 beyond)")
     sec.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
                      help="on SIGTERM, how long running requests may finish before they end with an error")
+    store = parser.add_argument_group("KV store tiers below the pool (see sparsex/kvstore/README.md)")
+    store.add_argument("--kv-store", default=None, metavar="URL",
+                       help="redis://host:port/db shared by every replica (Redis or Valkey)")
+    store.add_argument("--kv-disk", default=None, metavar="PATH", help="folder for a local-disk tier")
+    store.add_argument("--kv-disk-bytes", type=parse_memory, default=None,
+                       help="byte budget of the disk tier (e.g. 20G; default 8G)")
+    store.add_argument("--kv-store-dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                       help="K/V dtype in the tiers (default bfloat16; float32 is bitwise)")
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
@@ -95,11 +103,23 @@ def serve_main(args: argparse.Namespace) -> None:
     config = server_config(args)  # before loading the model: a bad keys file fails fast
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")  # sparsex.* loggers
     kwargs = {} if args.kv_cache_memory is None else {"kv_cache_memory": args.kv_cache_memory}
+    kwargs.update(store_kwargs(args))
     llm = LLM(model=args.model, device=args.device, **kwargs)
     app = create_app(llm, config)
     # uvicorn's own graceful timeout only matters after the drain, when nothing is left to wait for.
     uv = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
-    DrainingServer(uv, app.state.lifecycle).run()
+    try:
+        DrainingServer(uv, app.state.lifecycle).run()
+    finally:
+        llm.close()  # flush pending KV store writes
+
+
+def store_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    """``LLM`` keyword arguments of the ``--kv-*`` store flags that were given."""
+    out = {name: getattr(args, name, None) for name in ("kv_store", "kv_disk", "kv_disk_bytes", "kv_store_dtype")}
+    if isinstance(out["kv_disk_bytes"], float):
+        raise ValueError("--kv-disk-bytes is a size (20G), not a fraction")
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -89,6 +89,10 @@ class ServedLLM(Protocol):
         """Pinned segments: ``{"id", "name", "namespace", "num_tokens", "num_blocks", "num_hits"}``."""
         ...
 
+    def cache_entries(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Store entries the pool holds: ``{"key", "namespace", "num_tokens", "position", "segment_id"}``."""
+        ...
+
 
 def context_limit(llm: ServedLLM) -> int:
     return int(llm.spec.max_position)

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from sparsex.kvstore.metrics import store_exposition
+
 if TYPE_CHECKING:
     from sparsex.request import RequestMetrics
     from sparsex.server.engine_api import ServedLLM
@@ -102,4 +104,7 @@ class ServerMetrics:
         self.kv_blocks.labels("total").set(pool.num_blocks)
         self.kv_blocks.labels("free").set(pool.num_free_blocks)
         self.kv_blocks.labels("pinned").set(pool.num_pinned_blocks)
-        return bytes(generate_latest(self.registry))
+        text = bytes(generate_latest(self.registry))
+        if self.cache:  # the KV store tiers' counters (global registry; empty without tiers)
+            text += store_exposition()
+        return text

@@ -1,0 +1,62 @@
+"""``GET /v1/cache/entries`` (tenant-scoped placement listing) and the store's counters on /metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sparsex import LLM
+from sparsex.server.app import create_app
+from sparsex.server.auth import Tenants
+from sparsex.server.background import BackgroundServer
+from tests.server.helpers import KV_MEMORY, httpx
+
+KEYS = {"key-alice": "alice", "key-bob": "bob"}
+DOC = " ".join(["The lighthouse keeper logs every passing ship in a green ledger."] * 3)
+
+
+@pytest.fixture(scope="module")
+def store_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
+    llm = LLM(model=str(model_dir), kv_cache_memory=KV_MEMORY, reuse="none",
+              kv_disk=str(tmp_path_factory.mktemp("disk")), kv_store_dtype="float32")
+    app = create_app(llm, tenants=Tenants.from_keys(KEYS), metrics="key", metrics_key="m-key")
+    with BackgroundServer(app) as srv:
+        yield srv
+    llm.close()
+
+
+def client(srv: BackgroundServer, key: str) -> httpx.Client:
+    return httpx.Client(base_url=srv.url, timeout=60, headers={"Authorization": f"Bearer {key}"})
+
+
+def test_entries_are_listed_per_tenant_and_counted_on_metrics(store_server: BackgroundServer) -> None:
+    with client(store_server, "key-alice") as alice, client(store_server, "key-bob") as bob:
+        r = alice.post("/v1/segments", json={"documents": [DOC], "namespace": "kb"})
+        assert r.status_code == 200, r.text
+        (seg,) = r.json()["data"]
+        listed = alice.get("/v1/cache/entries").json()["data"]
+        assert [(e["namespace"], e["segment_id"]) for e in listed] == [("kb", seg["id"])]
+        assert listed[0]["key"].startswith("sparsex:{") and listed[0]["num_tokens"] == seg["num_tokens"]
+        assert alice.get("/v1/cache/entries", params={"namespace": "other"}).json()["data"] == []
+        assert bob.get("/v1/cache/entries").json()["data"] == []
+        assert alice.get("/v1/cache/entries", headers={"Authorization": ""}).status_code == 401
+        text = alice.get("/metrics", headers={"Authorization": "Bearer m-key"}).text
+        assert 'sparsex_kvstore_written_bytes_total{tier="disk"}' in text
+
+
+def test_serve_flags_reach_the_engine() -> None:
+    import argparse
+
+    from sparsex.server import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_serve_arguments(parser)
+    args = parser.parse_args(["--kv-store", "redis://cache:6379/0", "--kv-disk", "/var/cache/sx",
+                              "--kv-disk-bytes", "20G"])
+    assert cli.store_kwargs(args) == {"kv_store": "redis://cache:6379/0", "kv_disk": "/var/cache/sx",
+                                      "kv_disk_bytes": 20 << 30}
+    assert cli.store_kwargs(parser.parse_args([])) == {}
+    with pytest.raises(ValueError, match="not a fraction"):
+        cli.store_kwargs(parser.parse_args(["--kv-disk-bytes", "0.5"]))
