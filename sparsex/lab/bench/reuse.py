@@ -94,7 +94,12 @@ def load_breakdown(llm: Any, prompt: list[Any], namespace: str, repeats: int) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="sparsex bench reuse", description=__doc__)
+    if argv is not None and "--plain" in argv:  # plain-string prompts: sparsex.lab.bench.plain
+        from sparsex.lab.bench import plain
+
+        return plain.main([a for a in argv if a != "--plain"])
+    ap = argparse.ArgumentParser(prog="sparsex bench reuse", description=__doc__,
+                                 epilog="--plain: plain-string RAG prompts instead (see sparsex bench reuse --plain --help)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--docs", type=int, default=8)
     ap.add_argument("--doc-tokens", type=int, default=512)

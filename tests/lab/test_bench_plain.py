@@ -1,0 +1,25 @@
+"""``sparsex bench reuse --plain`` on a tiny model: reordered plain-string documents are found,
+replaced ones are not, and every row carries its quality against ``none``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sparsex.cli import main
+
+
+def test_plain_bench_finds_reordered_documents(tiny_model_dir: Any, tmp_path: Any) -> None:
+    out, plot = tmp_path / "plain.json", tmp_path / "plain.png"
+    rc = main(["bench", "reuse", "--plain", "--model", str(tiny_model_dir("llama")), "--lengths", "320",
+               "--docs", "4", "--repeats", "1", "--match", "4", "--out", str(out), "--plot", str(plot)])
+    assert rc == 0 and plot.exists()
+    rows = {(r["phase"], r["method"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(p, m) for p in ("reordered", "half replaced") for m in ("none", "naive", "blend")}
+    assert rows[("reordered", "none")]["found"] == 0 and rows[("reordered", "none")]["kl"] == 0.0
+    assert rows[("reordered", "naive")]["found_share"] >= 0.9
+    assert rows[("reordered", "naive")]["runs"] >= 4
+    # half replaced: only the cached half is counted and found
+    assert rows[("half replaced", "naive")]["doc_tokens"] < rows[("reordered", "naive")]["doc_tokens"]
+    assert rows[("half replaced", "naive")]["found_share"] >= 0.9
+    assert all(0 <= r["match4"] <= 4 and r["kl"] >= 0 for r in rows.values())
