@@ -229,6 +229,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is not None and "--fairness" in argv:  # short requests under long prefills: fairness.py
+        from sparsex.lab.bench import fairness
+
+        return fairness.main([a for a in argv if a != "--fairness"])
     args = parse_args(argv)
     convs = make_conversations(args)
     off, supports_reuse = run(args, "none", convs)
