@@ -45,4 +45,10 @@ def entry_key(fingerprint: str, namespace: str, content_hash: str) -> str:
     """The store key of one entry (see the module docstring for the layout)."""
     if not _HEX.fullmatch(content_hash):
         raise ValueError(f"content hash must be 1-128 lowercase hex chars, got {content_hash!r}")
-    return f"{KEY_PREFIX}:{{{short_hash(fingerprint)}.{short_hash(namespace)}}}:{content_hash}"
+    return key_prefix(fingerprint, namespace) + content_hash
+
+
+def key_prefix(fingerprint: str, namespace: str) -> str:
+    """``entry_key`` without the content hash: build many keys of one model and namespace at once
+    (the caller appends lowercase hex content hashes)."""
+    return f"{KEY_PREFIX}:{{{short_hash(fingerprint)}.{short_hash(namespace)}}}:"

@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparsex.cache.hashing import serialize_block
+import numpy as np
+
 from sparsex.kvstore import (
     BackgroundWriter,
     DiskTier,
@@ -56,6 +57,7 @@ from sparsex.kvstore import (
     entry_key,
     model_fingerprint,
 )
+from sparsex.kvstore.keys import key_prefix
 from sparsex.request import Request
 from sparsex.reuse.store import PublishedSegment, SegmentStore
 from sparsex.segments import SegmentSpan
@@ -124,14 +126,25 @@ def weights_identity(model_path: Path) -> str:
     return model_path.name + "|" + ",".join(f"{p.name}:{p.stat().st_size}" for p in files)
 
 
+def _token_bytes(token_ids: Sequence[int]) -> bytes:
+    return np.asarray(token_ids, dtype="<i8").tobytes()
+
+
 def entry_hash(token_ids: Sequence[int]) -> str:
-    """Content hash of an entry: 64 hex of BLAKE2b-256 over its token ids."""
-    return hashlib.blake2b(serialize_block(None, token_ids, ("store-entry",)), digest_size=32).hexdigest()
+    """Content hash of an entry: 64 hex of BLAKE2b-256 over its token ids (int64 little-endian)."""
+    return hashlib.blake2b(_token_bytes(token_ids), digest_size=32, person=b"sparsex-entry").hexdigest()
 
 
 def block_hash(token_ids: Sequence[int]) -> str:
     """Hash of one block's token ids for the block index: 32 hex (its own domain, never an entry's)."""
-    return hashlib.blake2b(serialize_block(None, token_ids, ("store-block",)), digest_size=16).hexdigest()
+    return window_hashes(token_ids, len(token_ids))[0]
+
+
+def window_hashes(token_ids: Sequence[int], size: int) -> list[str]:
+    """``block_hash`` of every window ``token_ids[p : p + size]`` (one buffer, ~1 us a window)."""
+    data = _token_bytes(token_ids)
+    return [hashlib.blake2b(data[8 * p : 8 * (p + size)], digest_size=16, person=b"sparsex-block").hexdigest()
+            for p in range(len(token_ids) - size + 1)]
 
 
 class TierCache:
@@ -218,15 +231,18 @@ class TierCache:
 
     # ----- lookup + promotion ----------------------------------------------------------------------
 
-    def prefetch(self, waiting: Iterable[Request]) -> int:
-        """Promote into the pool what the tiers hold for each waiting request not looked up yet;
-        returns the number of entries promoted. Never raises."""
+    def prefetch(self, waiting: Iterable[Request], max_requests: int = 2) -> int:
+        """Promote into the pool what the tiers hold for the first ``max_requests`` waiting requests
+        not looked up yet (admission takes the queue's head: the rest wait for later steps, so one
+        step never pays for a whole queue). Returns the number of entries promoted. Never raises."""
         live: set[str] = set()
         promoted = 0
+        budget = max_requests
         for req in waiting:
             live.add(req.request_id)
-            if req.request_id in self._prefetched or not req.reuse.reuses_segments:
+            if req.request_id in self._prefetched or not req.reuse.reuses_segments or budget == 0:
                 continue
+            budget -= 1
             self._prefetched.add(req.request_id)
             t0 = time.perf_counter()
             try:
@@ -242,10 +258,10 @@ class TierCache:
         wanted: dict[str, tuple[str, int]] = {}  # index key -> (namespace, prompt position)
         for a, b, region_ns in _namespace_regions(n - 1, spans, ns):  # never the last token
             covered = self._pool_covered(ids[a:b], region_ns)
-            for p in range(a, b - bs + 1):
+            prefix = key_prefix(self.fingerprint, region_ns)
+            for p, window in enumerate(window_hashes(ids[a:b], bs), start=a):
                 if not all(covered[p - a : p - a + bs]):
-                    rkey = entry_key(self.fingerprint, region_ns, block_hash(ids[p : p + bs]))
-                    wanted.setdefault(rkey, (region_ns, p))
+                    wanted.setdefault(prefix + window, (region_ns, p))
         if not wanted:
             return 0
         records = self.tiers.get_many(list(wanted))

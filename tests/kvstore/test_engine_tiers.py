@@ -221,3 +221,16 @@ def test_entries_list_what_the_pool_holds(model: Path, tmp_path: Path) -> None:
         assert entry["key"].endswith(entry_hash(doc)) and entry["num_tokens"] == len(doc)
         assert llm.cache_entries("other") == []
         assert [e.kind for e in llm.tiers.events_since(0)] == ["published"]  # type: ignore[union-attr]
+
+
+def test_a_run_at_any_offset_of_a_plain_prompt_is_promoted(model: Path, tmp_path: Path) -> None:
+    doc, other = docs(model, 100, 30)
+    disk = str(tmp_path / "disk")
+    with engine(model, kv_disk=disk) as a:
+        a.generate([[Segment(doc), "?"]], GREEDY, reuse="naive")
+    plain = other + doc[7:95] + other[:5]  # no segment marks: a middle run of the entry, elsewhere
+    with engine(model, kv_disk=disk) as b:
+        b.generate([plain], GREEDY, reuse="naive")
+        assert b.tiers is not None and b.tiers.stats.num_promoted == 1
+        (run,) = b.cache.segments.run_matcher.find(plain, "")  # what the pool lookup now finds
+        assert (run.prompt_start, run.num_tokens) == (len(other), 88)
