@@ -53,4 +53,6 @@ def test_public_names_are_exported() -> None:
     for mod in (sparsex.cache, sparsex.lab.workloads):
         for name in mod.__all__:
             assert hasattr(mod, name), (mod.__name__, name)
-    assert sparsex.lab.workloads.WORKLOADS == ("rag", "chat", "agents", "needle", "vartrack", "cwe", "fwe")
+    assert sparsex.lab.workloads.WORKLOADS == (
+        "rag", "chat", "agents", "needle", "vartrack", "cwe", "fwe", "lookup", "combine"
+    )

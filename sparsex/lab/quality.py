@@ -2,20 +2,29 @@
 
 For each work item: run its warm-up prompts (so its segments are cached, computed in another
 context), then the test prompt with the reference and with each method, and compare the
-first-token distribution (top-1 agreement, KL), the greedy continuation (matching prefix length),
-task accuracy where there is an answer, TTFT and the fraction of prefill compute spent.
+first-token distribution (top-1 agreement, KL), the next-token distributions over the first
+``FORCED`` generated positions under teacher forcing (the reference's greedy tokens fed back into
+the method's request, so both see the same context), the greedy continuation (matching prefix
+length), task accuracy where there is an answer, TTFT and the fraction of prefill compute spent.
+
+Teacher forcing uses the engine's ``SamplingParams.forced_token_ids``: the method's request decodes
+the reference's tokens instead of its own, and ``keep_first_logits=n`` returns the distribution at
+each step. A method whose own greedy tokens already equal the reference's over those positions saw
+the same context, so its free run's distributions are used as they are (no second run).
 """
 
 from __future__ import annotations
 
 import statistics
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sparsex.lab.workloads import WorkItem
+from sparsex.lab.stats import RESAMPLES, bootstrap_interval, gap_closed_of, mean_of
+from sparsex.lab.workloads import WorkItem, answer_found
 from sparsex.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -55,13 +64,19 @@ def _parse_value(raw: str) -> Any:
     return raw
 
 
+FORCED = 16
+"""Generated positions compared under teacher forcing."""
+
+
 @dataclass
 class RunResult:
     """One method on one item.
 
     top1: the first token equals the reference's. kl: KL(reference || method) of the next-token
-    distribution. match_len: leading tokens of the greedy continuation equal to the reference's.
-    correct: the answer appears in the continuation (None when the item has no answer).
+    distribution. kl_forced: the same averaged over the first ``FORCED`` generated positions under
+    teacher forcing (position 0 is ``kl``); kl_steps: per position. match_len: leading tokens of
+    the greedy continuation equal to the reference's. correct: the answer appears in the
+    continuation (None when the item has no answer).
     """
 
     item: str
@@ -76,6 +91,8 @@ class RunResult:
     recomputed_fraction: float
     segment_hit_fraction: float
     prompt_tokens: int
+    kl_forced: float = 0.0
+    kl_steps: list[float] = field(default_factory=list)
 
 
 def kl_divergence(ref: torch.Tensor, lp: torch.Tensor) -> float:
@@ -83,72 +100,127 @@ def kl_divergence(ref: torch.Tensor, lp: torch.Tensor) -> float:
     return float(torch.sum(ref.exp() * (ref - lp)).clamp_min(0.0))
 
 
-def run_greedy(llm: LLM, prompt: list[Any], reuse: dict[str, Any], n_tokens: int) -> tuple[torch.Tensor, RequestOutput]:
-    """Greedy ``n_tokens`` of ``prompt``: (first-token log-probabilities, the output)."""
+def step_kl(ref: torch.Tensor, lp: torch.Tensor) -> list[float]:
+    """Per-position KL(reference || method) of two ``[n, V]`` log-probability tensors."""
+    return [kl_divergence(a, b) for a, b in zip(ref, lp, strict=True)]
+
+
+def run_greedy(
+    llm: LLM, prompt: list[Any], reuse: dict[str, Any], n_tokens: int, keep: int = 1
+) -> tuple[torch.Tensor, RequestOutput]:
+    """Greedy ``n_tokens`` of ``prompt``: (``[keep, V]`` log-probabilities of the first ``keep``
+    generated tokens, the output)."""
     params = SamplingParams(max_tokens=n_tokens, temperature=0.0, ignore_eos=True)
-    req = llm.add_request(prompt, params, reuse=reuse, keep_first_logits=True)
+    req = llm.add_request(prompt, params, reuse=reuse, keep_first_logits=max(1, keep))
     out = llm.run_to_completion([req])[0]
-    assert out.first_logprobs is not None
-    return torch.from_numpy(out.first_logprobs), out
+    assert out.step_logprobs is not None
+    return torch.from_numpy(out.step_logprobs), out
+
+
+def forced_logprobs(llm: LLM, prompt: list[Any], reuse: dict[str, Any], forced: Sequence[int]) -> torch.Tensor:
+    """``[len(forced), V]``: the next-token log-probabilities of ``prompt`` under ``reuse`` at each
+    generated position when the generated tokens are ``forced`` (teacher forcing)."""
+    params = SamplingParams(max_tokens=len(forced), temperature=0.0, ignore_eos=True,
+                            forced_token_ids=list(forced))
+    req = llm.add_request(prompt, params, reuse=reuse, keep_first_logits=len(forced))
+    out = llm.run_to_completion([req])[0]
+    assert out.step_logprobs is not None and out.token_ids == list(forced)
+    return torch.from_numpy(out.step_logprobs)
+
+
+def matching_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens of ``a`` and ``b`` are equal."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def evaluate_item(
-    llm: LLM, item: WorkItem, methods: list[MethodSpec], namespace: str, continuation: int = 32
+    llm: LLM, item: WorkItem, methods: list[MethodSpec], namespace: str, continuation: int = 32,
+    forced: int = FORCED,
 ) -> list[RunResult]:
-    """Warm the cache with ``item.warmup``, then run the reference and every method."""
+    """Warm the cache with ``item.warmup``, then run the reference and every method.
+
+    Each method's next-token distributions at the first ``forced`` generated positions are
+    compared with the reference's under teacher forcing (see the module docstring).
+    """
+    forced = max(1, min(forced, continuation))
     for warm in item.warmup:
         run_greedy(llm, warm, {"method": "none", "namespace": namespace}, 1)
-    ref_lp, ref = run_greedy(llm, item.prompt, {"method": "none", "register": False, "namespace": namespace},
-                       continuation)
+    ref_lps, ref = run_greedy(llm, item.prompt, {"method": "none", "register": False, "namespace": namespace},
+                              continuation, forced)
     out = [RunResult(
         item=item.name, kind=item.kind, method="none", top1=True, kl=0.0, match_len=len(ref.token_ids),
-        correct=None if item.answer is None else item.answer.lower() in ref.text.lower(),
+        correct=None if item.answer is None else answer_found(item.answer, ref.text),
         ttft_s=ref.metrics.ttft_s, compute_fraction=1.0, recomputed_fraction=1.0, segment_hit_fraction=0.0,
-        prompt_tokens=ref.metrics.num_prompt_tokens,
+        prompt_tokens=ref.metrics.num_prompt_tokens, kl_forced=0.0, kl_steps=[0.0] * forced,
     )]
     for spec in methods:
         reuse = {**spec.reuse, "register": False, "namespace": namespace}
-        lp, req = run_greedy(llm, item.prompt, reuse, continuation)
-        kl = kl_divergence(ref_lp, lp)
-        match = 0
-        for a, b in zip(req.token_ids, ref.token_ids, strict=False):
-            if a != b:
-                break
-            match += 1
+        lps, req = run_greedy(llm, item.prompt, reuse, continuation, forced)
+        match = matching_prefix(req.token_ids, ref.token_ids)
+        if match < forced - 1:  # its own tokens left the reference's path: feed the reference's back
+            lps = forced_logprobs(llm, item.prompt, reuse, ref.token_ids[:forced])
+        steps = step_kl(ref_lps, lps)
         m, n = req.metrics, req.metrics.num_prompt_tokens
         out.append(RunResult(
             item=item.name, kind=item.kind, method=spec.label,
-            top1=req.token_ids[0] == ref.token_ids[0], kl=kl, match_len=match,
-            correct=None if item.answer is None else item.answer.lower() in req.text.lower(),
+            top1=req.token_ids[0] == ref.token_ids[0], kl=steps[0], match_len=match,
+            correct=None if item.answer is None else answer_found(item.answer, req.text),
             ttft_s=m.ttft_s, compute_fraction=m.compute_fraction,
             recomputed_fraction=m.num_recomputed_tokens / n, segment_hit_fraction=m.num_segment_hit_tokens / n,
-            prompt_tokens=n,
+            prompt_tokens=n, kl_forced=statistics.mean(steps), kl_steps=steps,
         ))
     return out
 
 
-def summarize(results: list[RunResult]) -> list[dict[str, Any]]:
-    """Per (workload kind, method): means, accuracy, median TTFT and the share of naive's KL gap closed."""
+INTERVAL_METRICS = ("top1", "kl", "kl16", "gap_closed", "gap_closed16", "match32", "accuracy", "cost")
+"""Summary fields that get a bootstrap 95% interval (``row["ci"][field] = [lo, hi]``)."""
+
+
+def summarize(results: list[RunResult], *, seed: int = 0, resamples: int = RESAMPLES) -> list[dict[str, Any]]:
+    """Per (workload kind, method): means, accuracy, median TTFT, the share of naive's KL gap closed
+    (first token and teacher-forced over ``FORCED`` positions), each with a seeded bootstrap 95%
+    interval over the items (``row["ci"]``; the gap paired item by item with naive)."""
     groups: dict[tuple[str, str], list[RunResult]] = defaultdict(list)
     for r in results:
         groups[(r.kind, r.method)].append(r)
-    naive_kl = {k: statistics.mean(r.kl for r in rs) for (k, m), rs in groups.items() if m == "naive"}
+    naive = {k: {r.item: r for r in rs} for (k, m), rs in groups.items() if m == "naive"}
     rows = []
     for (kind, method), rs in groups.items():
-        kl = statistics.mean(r.kl for r in rs)
-        answered = [r.correct for r in rs if r.correct is not None]
-        base = naive_kl.get(kind)
+        base = naive.get(kind, {})
+        paired = [r for r in rs if r.item in base]
+        series: dict[str, Any] = {
+            "top1": mean_of([float(r.top1) for r in rs]), "kl": mean_of([r.kl for r in rs]),
+            "kl16": mean_of([r.kl_forced for r in rs]), "match32": mean_of([float(r.match_len) for r in rs]),
+            "cost": mean_of([r.compute_fraction for r in rs]),
+        }
+        sizes = dict.fromkeys(series, len(rs))
+        answered = [float(r.correct) for r in rs if r.correct is not None]
+        if answered:
+            series["accuracy"], sizes["accuracy"] = mean_of(answered), len(answered)
+        if paired:
+            for name, attr in (("gap_closed", "kl"), ("gap_closed16", "kl_forced")):
+                series[name] = gap_closed_of([getattr(r, attr) for r in paired],
+                                             [getattr(base[r.item], attr) for r in paired])
+                sizes[name] = len(paired)
+        point = {name: stat(range(sizes[name])) for name, stat in series.items()}
+        ci = {name: bootstrap_interval(sizes[name], stat, seed=f"{seed}:{kind}:{method}:{name}",
+                                       resamples=resamples) for name, stat in series.items()}
         rows.append({
             "kind": kind, "method": method, "n": len(rs),
-            "top1": statistics.mean(float(r.top1) for r in rs), "kl": kl,
-            "gap_closed": (1.0 - kl / base) if base else None,
-            "match32": statistics.mean(r.match_len for r in rs),
-            "accuracy": statistics.mean(float(a) for a in answered) if answered else None,
+            "top1": point["top1"], "kl": point["kl"], "kl16": point["kl16"],
+            "gap_closed": point.get("gap_closed"), "gap_closed16": point.get("gap_closed16"),
+            "match32": point["match32"], "accuracy": point.get("accuracy"),
             "ttft_s": statistics.median(r.ttft_s for r in rs),
-            "cost": statistics.mean(r.compute_fraction for r in rs),
+            "cost": point["cost"],
             "recomputed": statistics.mean(r.recomputed_fraction for r in rs),
             "reused": statistics.mean(r.segment_hit_fraction for r in rs),
             "tokens": statistics.mean(r.prompt_tokens for r in rs),
+            "ci": {name: None if v is None else [v[0], v[1]] for name, v in ci.items()},
         })
     return rows
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from sparsex import LLM
-from sparsex.lab.bench.layers import layer_sets
 from sparsex.lab.analysis import late_start_effect, layer_kv_effect
+from sparsex.lab.bench.layers import layer_sets
 from sparsex.lab.oracle import LAB_PLANNERS
 from sparsex.lab.quality import evaluate_item, parse_method, summarize
 from sparsex.lab.workloads import WorkItem, make_workload

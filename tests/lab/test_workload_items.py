@@ -71,7 +71,7 @@ def test_segments_reappear_in_another_context(kind: str, style: str) -> None:
                 assert context not in warm_contexts, f"{item.name}: a segment keeps its warm-up context"
 
 
-@pytest.mark.parametrize("kind", ["rag", "agents", "needle", "vartrack", "cwe", "fwe"])
+@pytest.mark.parametrize("kind", ["rag", "agents", "needle", "vartrack", "cwe", "fwe", "lookup", "combine"])
 def test_the_order_of_segments_changes(kind: str) -> None:
     for item in small(kind, 3, 2):
         warm_order = [s for w in item.warmup for s in segments_of(w)]
@@ -86,7 +86,7 @@ def test_answers_sit_inside_reused_segments(kind: str) -> None:
         assert item.answer
         inside = [s for s in segments_of(item.prompt) if item.answer in part_text(s)]
         assert inside, f"{item.name}: answer {item.answer!r} not in any segment"
-        if kind in ("rag", "chat", "agents", "needle"):
+        if kind in ("rag", "chat", "agents", "needle", "lookup", "combine"):
             assert prompt_text(item.prompt).count(item.answer) == 1
             assert len(inside) == 1
 
@@ -95,6 +95,32 @@ def test_answers_sit_inside_reused_segments(kind: str) -> None:
 def test_unanswerable_variants_have_no_answer(kind: str) -> None:
     items = small(kind, 2, 0, answerable=False)
     assert all(i.answer is None for i in items)
+
+
+def test_lookup_plants_one_fact_and_asks_for_it() -> None:
+    for item in make_workload("lookup", 6, seed=2, doc_tokens=80, num_docs=4, style="chatml"):
+        segs = [part_text(s) for s in segments_of(item.prompt)]
+        holders = [t for t in segs if "The access code for the" in t]
+        assert len(segs) == 4 and len(holders) == 1 and f"is {item.answer}." in holders[0]
+        place = re.search(r"access code for the ([a-z ]+) is", holders[0])
+        assert place is not None
+        assert prompt_text(item.prompt).endswith(f"<|im_start|>assistant\nThe access code for the {place.group(1)} is")
+
+
+def test_combine_needs_two_documents() -> None:
+    for item in make_workload("combine", 6, seed=2, doc_tokens=80, num_docs=4, style="chatml"):
+        segs = [part_text(s) for s in segments_of(item.prompt)]
+        route = [t for t in segs if "must use the" in t]
+        codes = [t for t in segs if "The access code for the" in t]
+        assert len(route) == 1 and len(codes) == 2  # the entrance's code and another entrance's
+        entrance = re.search(r"must use the ([a-z ]+)\.", route[0])
+        assert entrance is not None and item.answer is not None and item.answer not in route[0]
+        holder = [t for t in codes if f"The access code for the {entrance.group(1)} is {item.answer}." in t]
+        assert len(holder) == 1 and holder[0] != route[0]
+        assert "Visitors from" in prompt_text(item.prompt).rsplit("<|im_start|>assistant", 1)[1]
+        for warm in item.warmup:  # no warm-up prompt holds both hops
+            text = prompt_text(warm)
+            assert not ("must use the" in text and item.answer in text)
 
 
 def test_rag_tests_a_subset_that_holds_the_fact() -> None:

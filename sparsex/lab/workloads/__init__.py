@@ -13,14 +13,25 @@ True
 from __future__ import annotations
 
 from sparsex.lab.workloads.corpus import Passage, passage_records, passages, vocabulary
-from sparsex.lab.workloads.item import Part, WorkItem, describe, prompt_text, reused_segments, segments_of
-from sparsex.lab.workloads.make import WORKLOADS, make_workload
+from sparsex.lab.workloads.item import (
+    Part,
+    WorkItem,
+    answer_found,
+    describe,
+    prompt_text,
+    reused_segments,
+    segments_of,
+)
+from sparsex.lab.workloads.make import ANSWERABLE, DEFAULT_SIZES, WORKLOADS, make_workload
 
 __all__ = [
+    "ANSWERABLE",
+    "DEFAULT_SIZES",
     "WORKLOADS",
     "Part",
     "Passage",
     "WorkItem",
+    "answer_found",
     "describe",
     "make_workload",
     "passage_records",

@@ -11,6 +11,10 @@ from sparsex.segments import Segment
 Part: TypeAlias = str | Segment
 """One part of a prompt: plain text, or a reusable segment."""
 
+def answer_found(answer: str, text: str) -> bool:
+    """The expected answer occurs in ``text`` (case-insensitive)."""
+    return answer.lower() in text.lower()
+
 
 @dataclass
 class WorkItem:

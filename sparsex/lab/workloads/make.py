@@ -6,6 +6,7 @@ import random
 from collections.abc import Callable
 
 from sparsex.lab.workloads.agents import build_agents
+from sparsex.lab.workloads.answerable import build_combine, build_lookup
 from sparsex.lab.workloads.chat import build_chat
 from sparsex.lab.workloads.common import STYLES, Markup, Params, item_rng
 from sparsex.lab.workloads.item import Part, WorkItem
@@ -13,8 +14,14 @@ from sparsex.lab.workloads.rag import build_rag
 from sparsex.lab.workloads.ruler import build_needle, build_vartrack
 from sparsex.lab.workloads.words import build_cwe, build_fwe
 
-WORKLOADS = ("rag", "chat", "agents", "needle", "vartrack", "cwe", "fwe")
+WORKLOADS = ("rag", "chat", "agents", "needle", "vartrack", "cwe", "fwe", "lookup", "combine")
 """Every scenario :func:`make_workload` knows."""
+
+ANSWERABLE = ("lookup", "combine")
+"""Tasks the default 135M model solves with a full prefill (>= 70%) at their default sizes."""
+
+DEFAULT_SIZES: dict[str, tuple[int, int]] = {"lookup": (80, 4), "combine": (80, 4)}
+"""``(doc_tokens, num_docs)`` where a kind needs other sizes than the CLI's general default."""
 
 Builder = Callable[[random.Random, Params, int, int], tuple[list[list[Part]], list[Part], str | None]]
 
@@ -26,6 +33,8 @@ _BUILDERS: dict[str, Builder] = {
     "vartrack": lambda rng, p, seed, i: build_vartrack(rng, p, seed),
     "cwe": lambda rng, p, seed, i: build_cwe(rng, p, seed),
     "fwe": lambda rng, p, seed, i: build_fwe(rng, p, seed),
+    "lookup": lambda rng, p, seed, i: build_lookup(rng, p, seed),
+    "combine": lambda rng, p, seed, i: build_combine(rng, p, seed),
 }
 
 

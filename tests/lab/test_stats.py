@@ -1,0 +1,53 @@
+"""Bootstrap intervals: seeded and reproducible, paired for the gap closed, and in the summary."""
+
+from __future__ import annotations
+
+import pytest
+
+from sparsex.lab.quality import RunResult, summarize
+from sparsex.lab.stats import bootstrap_interval, gap_closed_of, mean_of
+
+
+def test_bootstrap_is_seeded_and_reproducible() -> None:
+    values = [0.1, 0.5, 0.2, 0.9, 0.4, 0.3, 0.8, 0.05]
+    a = bootstrap_interval(len(values), mean_of(values), seed="cell")
+    assert a == bootstrap_interval(len(values), mean_of(values), seed="cell")
+    assert a != bootstrap_interval(len(values), mean_of(values), seed="other")
+    assert a is not None and a[0] <= sum(values) / len(values) <= a[1]
+    assert bootstrap_interval(4, mean_of([2.0] * 4), seed=0) == (2.0, 2.0)
+    assert bootstrap_interval(0, mean_of([]), seed=0) is None
+
+
+def test_more_items_give_a_narrower_interval() -> None:
+    few = [float(i % 2) for i in range(8)]
+    many = [float(i % 2) for i in range(128)]
+    lo_f, hi_f = bootstrap_interval(len(few), mean_of(few), seed=1) or (0, 0)
+    lo_m, hi_m = bootstrap_interval(len(many), mean_of(many), seed=1) or (0, 0)
+    assert hi_m - lo_m < (hi_f - lo_f) / 2
+
+
+def test_gap_closed_resamples_the_same_items_for_both_methods() -> None:
+    naive = [1.0, 2.0, 4.0, 8.0]
+    method = [0.5 * x for x in naive]  # closes half of every item's gap: no spread at all if paired
+    assert bootstrap_interval(4, gap_closed_of(method, naive), seed=3) == pytest.approx((0.5, 0.5))
+    assert gap_closed_of([0.0], [0.0])([0]) is None  # undefined, skipped
+
+
+def _run(item: str, method: str, kl: float, correct: bool) -> RunResult:
+    return RunResult(item=item, kind="lookup", method=method, top1=True, kl=kl, match_len=32, correct=correct,
+                     ttft_s=0.1, compute_fraction=0.2, recomputed_fraction=0.2, segment_hit_fraction=0.8,
+                     prompt_tokens=100, kl_forced=2 * kl, kl_steps=[kl, 3 * kl])
+
+
+def test_summary_cells_carry_reproducible_intervals() -> None:
+    runs = [_run(f"i{j}", m, kl * (j + 1), correct=j % 3 != 0)
+            for j in range(6) for m, kl in (("naive", 0.1), ("blend", 0.02))]
+    rows = {r["method"]: r for r in summarize(runs, seed=7)}
+    again = {r["method"]: r for r in summarize(runs, seed=7)}
+    assert rows == again
+    blend = rows["blend"]
+    assert blend["gap_closed"] == pytest.approx(0.8) and blend["gap_closed16"] == pytest.approx(0.8)
+    assert blend["ci"]["gap_closed"] == pytest.approx([0.8, 0.8])  # paired: every item closes 80%
+    lo, hi = blend["ci"]["accuracy"]
+    assert blend["accuracy"] == pytest.approx(4 / 6) and lo <= blend["accuracy"] <= hi
+    assert blend["ci"]["kl16"][0] <= blend["kl16"] <= blend["ci"]["kl16"][1]
