@@ -300,6 +300,7 @@ class TierCache:
         if entry_hash(e.token_ids) != content or not contiguous:  # intact, but not what its key names
             log.warning("kv store: rejected %s from tier %s: token ids or positions do not match", key, hit.tier)
             self.stats.num_rejected += 1
+            self.tiers.metrics.rejected(hit.tier)
             self.tiers.delete(key)
             return None
         self.stats.bytes_by_tier[hit.tier] = self.stats.bytes_by_tier.get(hit.tier, 0) + len(hit.value)

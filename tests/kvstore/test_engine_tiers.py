@@ -234,3 +234,18 @@ def test_a_run_at_any_offset_of_a_plain_prompt_is_promoted(model: Path, tmp_path
         assert b.tiers is not None and b.tiers.stats.num_promoted == 1
         (run,) = b.cache.segments.run_matcher.find(plain, "")  # what the pool lookup now finds
         assert (run.prompt_start, run.num_tokens) == (len(other), 88)
+
+
+def test_a_redis_hit_is_copied_into_the_disk_tier(model: Path, tmp_path: Path, redis_server: RedisServer) -> None:
+    (doc,) = docs(model, 80)
+    prompt = [[Segment(doc), "Why?"]]
+    with engine(model, kv_store=redis_server.url) as a:
+        a.generate(prompt, GREEDY, reuse="naive")
+    disk = str(tmp_path / "disk")
+    with engine(model, kv_store=redis_server.url, kv_disk=disk) as b:
+        assert b.generate(prompt, GREEDY, reuse="naive")[0].metrics.num_segment_hit_tokens == len(doc)
+        assert b.tiers is not None and set(b.tiers.stats.bytes_by_tier) == {"redis"}
+    redis_server.kill()
+    with engine(model, kv_disk=disk) as c:  # the disk alone now serves it, block index included
+        assert c.generate(prompt, GREEDY, reuse="naive")[0].metrics.num_segment_hit_tokens == len(doc)
+        assert c.tiers is not None and set(c.tiers.stats.bytes_by_tier) == {"disk"}
