@@ -249,3 +249,18 @@ def test_a_redis_hit_is_copied_into_the_disk_tier(model: Path, tmp_path: Path, r
     with engine(model, kv_disk=disk) as c:  # the disk alone now serves it, block index included
         assert c.generate(prompt, GREEDY, reuse="naive")[0].metrics.num_segment_hit_tokens == len(doc)
         assert c.tiers is not None and set(c.tiers.stats.bytes_by_tier) == {"disk"}
+
+
+def test_a_slow_redis_costs_a_bounded_wait_and_a_recompute(model: Path, redis_server: RedisServer) -> None:
+    (doc,) = docs(model, 64)
+    prompt = [[Segment(doc), "Slow?"]]
+    with engine(model, kv_store=redis_server.url) as a:
+        a.generate(prompt, GREEDY, reuse="naive")
+    redis_server.pause()  # accepts connections, never answers: every call ends at its timeout
+    try:
+        with engine(model, kv_store=redis_server.url) as b:
+            want = b.generate(prompt, GREEDY, reuse=FULL)[0].token_ids
+            got = b.generate(prompt, GREEDY, reuse="naive")[0]
+            assert got.metrics.num_segment_hit_tokens == 0 and got.token_ids == want
+    finally:
+        redis_server.resume()
