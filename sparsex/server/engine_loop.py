@@ -248,6 +248,7 @@ class EngineLoop:
                     self._execute(cmd)
                 except Exception:  # keep serving the other requests
                     log.exception("engine command failed")
+            self._report_changes()  # a command may have stepped the engine (pinning runs requests)
             if llm.has_unfinished() and not self._step():
                 time.sleep(0.002)  # work is queued but nothing is schedulable yet: don't spin
 
@@ -296,18 +297,27 @@ class EngineLoop:
         self._reply(cmd.loop, cmd.future, sub, None)
 
     def _step(self) -> bool:
-        """One engine step; returns whether any request got a token."""
+        """One engine step; returns whether it did anything.
+
+        Every tracked request that changed is reported, not only those ``step`` returned: a request
+        that got tokens or finished without being returned (a follower sharing its leader's prefill,
+        a request failed inside the step, one stepped by ``cache_segments``) must never leave its
+        handler waiting forever. The scan costs O(requests in flight), at most ``max_queue``.
+        """
         try:
             reqs = self.llm.step()
         except Exception:
             log.exception("engine step failed")
             self._fail_after_error()
             return True
-        for r in reqs:
-            t = self._tracked.get(r.request_id)
-            if t is not None:
-                self._emit(t)
+        self._report_changes()
         return bool(reqs)
+
+    def _report_changes(self) -> None:
+        """Emit an event for every tracked request with new tokens or finished since its last one."""
+        for t in list(self._tracked.values()):
+            if t.req.finished or len(t.req.output_token_ids) > t.num_sent:
+                self._emit(t)
 
     def _fail_after_error(self) -> None:
         """A failed prefill finished its own request; a failed decode leaves the batch unknown."""

@@ -70,3 +70,26 @@ def test_abort_and_failures_release_slots(model_dir: Path) -> None:
         asyncio.run(scenario())
     finally:
         engine.stop()
+
+
+def test_requests_stepped_inside_a_command_are_reported(model_dir: Path) -> None:
+    """A command that steps the engine itself (as pinning does) must not leave a handler waiting."""
+    llm = make_llm(model_dir)
+    engine = EngineLoop(llm, max_queue=4)
+
+    def add_and_drive(llm: object) -> list[object]:
+        req = llm.add_request("Short one.", SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))  # type: ignore[attr-defined]
+        while not req.finished:
+            llm.step()  # type: ignore[attr-defined]
+        return [req]
+
+    async def scenario() -> str | None:
+        sub = await engine.submit(add_and_drive, 1)
+        ev = await asyncio.wait_for(sub.events.get(), 10)
+        return ev.finish_reason
+
+    try:
+        assert asyncio.run(scenario()) == "length"
+        assert engine.num_inflight == 0
+    finally:
+        engine.stop()
