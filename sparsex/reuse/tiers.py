@@ -31,7 +31,6 @@ that entry (the request recomputes it).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -40,8 +39,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from sparsex.kvstore import (
     BackgroundWriter,
@@ -60,13 +57,20 @@ from sparsex.kvstore import (
 from sparsex.kvstore.keys import key_prefix
 from sparsex.request import Request
 from sparsex.reuse.store import PublishedSegment, SegmentStore
+from sparsex.reuse.tier_keys import (
+    PINS_NAMESPACE,
+    block_hash,
+    entry_hash,
+    index_record,
+    namespace_regions,
+    parse_index_record,
+    weights_identity,
+    window_hashes,
+)
 from sparsex.segments import SegmentSpan
 
 log = logging.getLogger("sparsex.kvstore")
 
-PINS_NAMESPACE = "\x00sparsex-pins"
-"""The namespace of the pins manifest key (no tenant namespace starts with a NUL)."""
-_INDEX_VERSION = 1
 _MAX_EVENTS = 1024
 _MAX_KNOWN = 4096
 
@@ -118,33 +122,6 @@ class _Known:
     token_ids: list[int]
     namespace: str
     start_pos: int
-
-
-def weights_identity(model_path: Path) -> str:
-    """The model folder's name (a converted GGUF's embeds its file size) plus its weight files' sizes."""
-    files = sorted(p for p in model_path.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
-    return model_path.name + "|" + ",".join(f"{p.name}:{p.stat().st_size}" for p in files)
-
-
-def _token_bytes(token_ids: Sequence[int]) -> bytes:
-    return np.asarray(token_ids, dtype="<i8").tobytes()
-
-
-def entry_hash(token_ids: Sequence[int]) -> str:
-    """Content hash of an entry: 64 hex of BLAKE2b-256 over its token ids (int64 little-endian)."""
-    return hashlib.blake2b(_token_bytes(token_ids), digest_size=32, person=b"sparsex-entry").hexdigest()
-
-
-def block_hash(token_ids: Sequence[int]) -> str:
-    """Hash of one block's token ids for the block index: 32 hex (its own domain, never an entry's)."""
-    return window_hashes(token_ids, len(token_ids))[0]
-
-
-def window_hashes(token_ids: Sequence[int], size: int) -> list[str]:
-    """``block_hash`` of every window ``token_ids[p : p + size]`` (one buffer, ~1 us a window)."""
-    data = _token_bytes(token_ids)
-    return [hashlib.blake2b(data[8 * p : 8 * (p + size)], digest_size=16, person=b"sparsex-block").hexdigest()
-            for p in range(len(token_ids) - size + 1)]
 
 
 class TierCache:
@@ -214,19 +191,18 @@ class TierCache:
             if stored:
                 self._pins[seg.segment_id] = key
                 self._update_manifest(add=(key, seg))
-            self._event("pinned", key, seg.namespace, len(seg.token_ids))
         elif not self.writer.submit_entry(key, entry, self.options.storage_dtype, then=records):
             return  # dropped (queue full): a later publish of the same segment tries again
         self._remember(key, _Known(list(seg.token_ids), seg.namespace, seg.start_pos))
-        self._event("published", key, seg.namespace, len(seg.token_ids))
+        self._event("pinned" if seg.segment_id is not None else "published", key, seg.namespace, len(seg.token_ids))
 
     def _index_records(self, entry: KVEntry) -> list[tuple[str, bytes]]:
         """One (key, record) per full block of ``entry``: where to find it from any of its blocks."""
         bs, toks = self.block_size, entry.token_ids
         out = []
         for i in range(len(toks) // bs):
-            record = json.dumps({"v": _INDEX_VERSION, "entry": entry.content_hash, "block": i}).encode()
-            out.append((entry_key(self.fingerprint, entry.namespace, block_hash(toks[i * bs : (i + 1) * bs])), record))
+            rkey = entry_key(self.fingerprint, entry.namespace, block_hash(toks[i * bs : (i + 1) * bs]))
+            out.append((rkey, index_record(entry.content_hash, i)))
         return out
 
     # ----- lookup + promotion ----------------------------------------------------------------------
@@ -256,7 +232,7 @@ class TierCache:
     def _prefetch(self, ids: list[int], spans: Sequence[SegmentSpan], ns: str) -> int:
         bs, n = self.block_size, len(ids)
         wanted: dict[str, tuple[str, int]] = {}  # index key -> (namespace, prompt position)
-        for a, b, region_ns in _namespace_regions(n - 1, spans, ns):  # never the last token
+        for a, b, region_ns in namespace_regions(n - 1, spans, ns):  # never the last token
             covered = self._pool_covered(ids[a:b], region_ns)
             prefix = key_prefix(self.fingerprint, region_ns)
             for p, window in enumerate(window_hashes(ids[a:b], bs), start=a):
@@ -268,7 +244,7 @@ class TierCache:
         entries: dict[str, tuple[str, str]] = {}  # entry key -> (namespace, content hash), prompt order
         for rkey, hit in sorted(records.items(), key=lambda kv: wanted[kv[0]][1]):
             region_ns, _ = wanted[rkey]
-            content = _parse_record(hit.value)
+            content = parse_index_record(hit.value)
             if content is None:
                 continue
             ekey = entry_key(self.fingerprint, region_ns, content)
@@ -412,34 +388,3 @@ class TierCache:
         """Flush pending writes (bounded by the writer's close timeout), then close the tiers."""
         self.writer.close()
         self.tiers.close()
-
-
-def _parse_record(value: bytes) -> str | None:
-    """The entry content hash a block-index record points at, or None if it is not one."""
-    try:
-        data = json.loads(value)
-        content = data["entry"]
-        if data.get("v") != _INDEX_VERSION or not isinstance(content, str) or len(content) != 64:
-            return None
-        int(content, 16)
-        return content
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return None
-
-
-def _namespace_regions(end: int, spans: Sequence[SegmentSpan], ns: str) -> list[tuple[int, int, str]]:
-    """``[0, end)`` cut into regions searched in one namespace each: a span salted with another
-    namespace in its own, everything else in the request's ``ns``."""
-    foreign = sorted((s.start, min(s.end, end), s.namespace) for s in spans
-                     if s.namespace and s.namespace != ns and s.start < end)
-    out: list[tuple[int, int, str]] = []
-    cursor = 0
-    for a, b, other in foreign:
-        if a > cursor:
-            out.append((cursor, a, ns))
-        if b > max(a, cursor):
-            out.append((max(a, cursor), b, other))
-        cursor = max(cursor, b)
-    if cursor < end:
-        out.append((cursor, end, ns))
-    return out

@@ -17,7 +17,8 @@ import torch
 
 from sparsex import LLM, SamplingParams, Segment
 from sparsex.kvstore import BackgroundWriter, TieredStore
-from sparsex.reuse.tiers import TierCache, entry_hash
+from sparsex.reuse.tier_keys import entry_hash
+from sparsex.reuse.tiers import TierCache
 from tests.kvstore.conftest import RedisServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
