@@ -159,9 +159,10 @@ class SegmentStore:
         k_all, v_all = self.kv.k, self.kv.v
 
         def write(j: torch.Tensor, dst: torch.Tensor) -> None:
-            dst = dst.to(k_all.device)
-            k_all[:, dst] = keys[:, j].to(device=k_all.device, dtype=k_all.dtype)
-            v_all[:, dst] = values[:, j].to(device=v_all.device, dtype=v_all.dtype)
+            for i0, i1 in _contiguous_runs(j, dst):  # slices: copy_ casts in place, no temporaries
+                s0, d0 = int(j[i0]), int(dst[i0])
+                k_all[:, d0 : d0 + i1 - i0].copy_(keys[:, s0 : s0 + i1 - i0])
+                v_all[:, d0 : d0 + i1 - i0].copy_(values[:, s0 : s0 + i1 - i0])
 
         return self._store_segment(token_ids, namespace, start_pos, write, pinned, name)
 
