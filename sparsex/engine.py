@@ -262,6 +262,10 @@ class LLM:
         """Store entries this replica's pool holds (for placement by cache affinity); [] without tiers."""
         return [] if self.tiers is None else self.tiers.entries(namespace)
 
+    def cache_events(self, since: int = 0) -> list[dict[str, Any]]:
+        """Store events after sequence number ``since`` (published, promoted, pinned, unpinned)."""
+        return [] if self.tiers is None else [dataclasses.asdict(e) for e in self.tiers.events_since(since)]
+
     # ----- internals -----------------------------------------------------------------------
 
     def _decode(self, batch: list[Request]) -> list[Request]:

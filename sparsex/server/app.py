@@ -27,8 +27,8 @@ from sparsex.server.engine_loop import EngineLoop
 from sparsex.server.lifecycle import Lifecycle, ServerMiddleware
 from sparsex.server.limits import read_json
 from sparsex.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
-from sparsex.server.placement import cache_entries
-from sparsex.server.protocol import APIError, reuse_methods, validation_error
+from sparsex.server.placement import cache_entries, cache_events
+from sparsex.server.protocol import APIError, bad_request, reuse_methods, validation_error
 from sparsex.server.segments import SegmentService
 from sparsex.server.serving import OpenAIServing
 
@@ -146,6 +146,14 @@ def create_app(llm: ServedLLM, config: ServerConfig | None = None, **options: An
     async def list_cache_entries(request: Request) -> JSONResponse:
         tenant = admit(request)
         return JSONResponse(await cache_entries(engine, tenant, request.query_params.get("namespace")))
+
+    @app.get("/v1/cache/events")
+    async def list_cache_events(request: Request) -> JSONResponse:
+        tenant = admit(request)
+        since = request.query_params.get("since", "0")
+        if not since.isdigit() or len(since) > 18:
+            raise bad_request("since must be a non-negative integer", param="since")
+        return JSONResponse(await cache_events(engine, tenant, int(since)))
 
     return app
 

@@ -93,6 +93,10 @@ class ServedLLM(Protocol):
         """Store entries the pool holds: ``{"key", "namespace", "num_tokens", "position", "segment_id"}``."""
         ...
 
+    def cache_events(self, since: int = 0) -> list[dict[str, Any]]:
+        """Store events after ``since``: ``{"seq", "kind", "key", "namespace", "num_tokens", "tier"}``."""
+        ...
+
 
 def context_limit(llm: ServedLLM) -> int:
     return int(llm.spec.max_position)

@@ -60,3 +60,15 @@ def test_serve_flags_reach_the_engine() -> None:
     assert cli.store_kwargs(parser.parse_args([])) == {}
     with pytest.raises(ValueError, match="not a fraction"):
         cli.store_kwargs(parser.parse_args(["--kv-disk-bytes", "0.5"]))
+
+
+def test_cache_events_are_polled_per_tenant(store_server: BackgroundServer) -> None:
+    with client(store_server, "key-alice") as alice, client(store_server, "key-bob") as bob:
+        start = alice.get("/v1/cache/events").json()["last_seq"]
+        r = bob.post("/v1/segments", json={"documents": ["Bob's own notes on tide tables. " * 6]})
+        assert r.status_code == 200, r.text
+        assert alice.get("/v1/cache/events", params={"since": start}).json()["data"] == []
+        events = bob.get("/v1/cache/events").json()
+        assert [(e["kind"], e["namespace"]) for e in events["data"]][-1] == ("pinned", "")
+        assert bob.get("/v1/cache/events", params={"since": events["last_seq"]}).json()["data"] == []
+        assert bob.get("/v1/cache/events", params={"since": "-1"}).status_code == 400
