@@ -1,5 +1,5 @@
-"""Answerable tasks on real text, sized for small models: the default 135M model's RULER-style
-scores are near zero even with a full prefill, so accuracy there says nothing.
+"""Answerable tasks on real text that the default 135M model solves with a full prefill (its
+RULER-style scores are near zero even then, so accuracy there says nothing).
 
 Short passages (``Params.doc_tokens``; the CLI uses ~80 tokens and 4 documents for these kinds),
 each a segment. Warm-up: each document alone after a reading instruction. Test: the documents in a
@@ -10,14 +10,16 @@ new order behind numbered plain-text headers, then an explicit question, and the
   Answer: the code.
 - combine: the answer needs two documents: one says which entrance a group must use ("Visitors
   from the harbor must use the north gate."), another that entrance's code ("The access code for
-  the north gate is 4172."), and a third another entrance's code. The lead-in names the group
-  ("Visitors from the harbor must use the"). Answer: the code.
+  the north gate is 4172."), and a third another entrance's code. The question asks to name the
+  entrance, then give its code; the lead-in names the group ("Visitors from the harbor must use
+  the"). Answer: the code.
 
-The 135M model does ``lookup`` (8 of 8 with a full prefill) but no two-document format tried
-reaches 70% with a full prefill: this one 3 of 6 (it names the right entrance every time, then
-often gives the other entrance's code), two codes asked together 0 of 2 (it repeats the first),
-a code plus a password 0 of 4, a key-cabinet-room chain at chance (2 of 6). ``combine`` is kept
-for larger models; on the 135M model its accuracy column says nothing about reuse.
+Full-prefill accuracy of the 135M model (n = 8, seed 0, 80-token documents, 4 of them): lookup
+8 of 8; combine 6 of 8 (it names the right entrance almost every time; the misses give no code or
+the other entrance's). Formats that did not reach 70% and were dropped: combine without "name the
+entrance, then give its code" 5 of 8; two codes asked together 0 of 2 (it repeats the first); a
+code plus a password 0 of 4; a key-cabinet-room chain with a distractor cabinet 2 of 6 (chance);
+lookup with a code in every document 5 of 8.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ def build_combine(rng: random.Random, params: Params, seed: int) -> Built:
     texts[route] = insert_sentence(rng, texts[route], f"Visitors from {group} must use the {place}.")
     texts[fact] = insert_sentence(rng, texts[fact], f"The access code for the {place} is {code}.")
     texts[distractor] = insert_sentence(rng, texts[distractor], f"The access code for the {other} is {other_code}.")
-    question = f"Question: Visitors from {group} must use one entrance. What is the access code of that entrance?"
+    question = (f"Question: Visitors from {group} must use one entrance. Which entrance is it, and what is its "
+                "access code? Name the entrance, then give its access code.")
     warmup, prompt = _item(rng, params, texts, question, f"Visitors from {group} must use the")
     return warmup, prompt, code
