@@ -75,10 +75,12 @@ class ServedLLM(Protocol):
 
     def has_unfinished(self) -> bool: ...
 
-    def cache_segments(
-        self, docs: Sequence[str | list[int]], namespace: str = "", names: Sequence[str] | None = None
-    ) -> list[str]:
-        """Pin documents; returns their segment ids."""
+    def add_pin(self, doc: str | list[int], namespace: str = "", name: str | None = None) -> Request:
+        """Queue the pinning of one document; its ``pinned_segment_id`` is set when it finishes."""
+        ...
+
+    def error_of(self, req: Request) -> Exception | None:
+        """The exception that failed ``req`` (``finish_reason == "error"``); the engine forgets it."""
         ...
 
     def uncache_segments(self, segment_ids: Sequence[str]) -> int:

@@ -348,6 +348,9 @@ class EngineLoop:
         if r.finished:
             del self._tracked[r.request_id]
             self._release(1)
+            if r.finish_reason == "error":  # the engine keeps a failed request's error until asked
+                err = self.llm.error_of(r)
+                log.warning("request %s failed: %s", r.request_id, type(err).__name__ if err else "unknown error")
         try:
             t.loop.call_soon_threadsafe(t.events.put_nowait, ev)
         except RuntimeError:  # the event loop is closed: nobody is listening any more

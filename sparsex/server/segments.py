@@ -1,7 +1,8 @@
 """Pinned segments: ``POST/GET /v1/segments``, ``DELETE /v1/segments/{id}``, scoped to the tenant.
 
-Thin wrappers over the engine's ``cache_segments`` / ``list_segments`` / ``uncache_segments``, run
-on the engine thread. A tenant's documents are pinned in its own namespace (``auth.namespace_for``);
+Pinning submits one engine request per document (``add_pin``), tracked by the engine loop like any
+completion, so a long pin is prefilled in chunks between other requests' steps instead of holding
+the engine thread; listing and unpinning are calls on the engine thread. A tenant's documents are pinned in its own namespace (``auth.namespace_for``);
 it lists only its own segments, with namespaces as it named them, and another tenant's segment id
 is a 404, the same as an id that does not exist.
 """
@@ -12,9 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 from sparsex.server.auth import client_namespace, namespace_for, owns
 from sparsex.server.engine_loop import EngineLoop
-from sparsex.server.protocol import APIError, SegmentsRequest, bad_request, parse_body
+from sparsex.server.protocol import APIError, SegmentsRequest, parse_body
+from sparsex.server.responses import failure
+from sparsex.server.serving import submit
 
 if TYPE_CHECKING:
+    from sparsex.request import Request
     from sparsex.server.engine_api import ServedLLM
 
 
@@ -45,17 +49,32 @@ class SegmentService:
         req = parse_body(SegmentsRequest, body)
         docs, names = req.texts(), req.names()
         namespace = namespace_for(tenant, req.namespace)
+        pins: list[Request] = []
 
-        def pin(llm: ServedLLM) -> list[dict[str, Any]]:
-            ids = llm.cache_segments(docs, namespace=namespace, names=names)
-            listed = {str(s["id"]): s for s in llm.list_segments(namespace)}
-            return [listed.get(str(i), {"id": i, "namespace": namespace}) for i in ids]
+        def add(llm: ServedLLM) -> list[Request]:
+            try:
+                for i, doc in enumerate(docs):
+                    pins.append(llm.add_pin(doc, namespace, names[i] if names else None))
+            except BaseException:
+                for p in pins:  # all or nothing
+                    llm.abort(p)
+                raise
+            return list(pins)
 
-        try:
-            created = await self.engine.call(pin)
-        except (ValueError, TypeError) as e:
-            raise bad_request(str(e), param="documents") from None
-        return {"object": "list", "data": [segment_json(tenant, s) for s in created]}
+        sub = await submit(self.engine, add, len(docs), param="documents")
+        pending = len(docs)
+        while pending:  # the loop reports each pin once it is done (or failed, or aborted)
+            ev = await sub.events.get()
+            if ev.finish_reason is not None:
+                pending -= 1
+                err = failure(ev.finish_reason)
+                if err is not None:
+                    self.engine.abort(sub)
+                    raise err
+        ids = [str(p.pinned_segment_id) for p in pins]  # set by the engine before it reported them
+        listed = {str(s["id"]): s for s in await self.engine.call(lambda llm: llm.list_segments(namespace))}
+        return {"object": "list", "data": [segment_json(tenant, listed.get(i, {"id": i, "namespace": namespace}))
+                                           for i in ids]}
 
     async def list(self, tenant: str | None, namespace: str | None = None) -> dict[str, Any]:
         data = [segment_json(tenant, s) for s in await self.engine.call(lambda llm: _own_segments(llm, tenant))]

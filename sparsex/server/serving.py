@@ -179,22 +179,7 @@ class OpenAIServing:
         return add
 
     async def submit(self, add: AddFn, num_requests: int) -> Submission:
-        """Hand ``add`` to the engine thread, mapping its failures to HTTP errors."""
-        if num_requests > self.engine.max_queue:  # can never be admitted: a 429 would invite a retry
-            raise bad_request(f"{num_requests} choices (prompts x n) exceed this server's limit of "
-                              f"{self.engine.max_queue} requests in flight", param="n", code="too_many_choices")
-        try:
-            return await self.engine.submit(add, num_requests)
-        except APIError:
-            raise
-        except QueueFullError as e:
-            raise APIError(429, str(e), type="rate_limit_error", code="queue_full") from None
-        except EngineStoppedError as e:
-            raise APIError(503, str(e), type="server_error", code="shutting_down") from None
-        except PromptTooLongError as e:
-            raise bad_request(str(e), code="context_length_exceeded") from None
-        except (ValueError, TypeError) as e:
-            raise bad_request(str(e), code="invalid_value") from None
+        return await submit(self.engine, add, num_requests, param="n")
 
     # ----- engine -> response ----------------------------------------------------------------------
 
@@ -227,6 +212,25 @@ class OpenAIServing:
 
     def sse(self, sub: Submission, chunks: AsyncIterator[str]) -> Response:
         return _SSEResponse(chunks, on_close=lambda: self.engine.abort(sub))
+
+
+async def submit(engine: EngineLoop, add: AddFn, num_requests: int, param: str) -> Submission:
+    """Hand ``add`` to the engine thread, mapping its failures to HTTP errors."""
+    if num_requests > engine.max_queue:  # can never be admitted: a 429 would invite a retry
+        raise bad_request(f"{num_requests} engine requests exceed this server's limit of {engine.max_queue} "
+                          "in flight", param=param, code="too_many_choices")
+    try:
+        return await engine.submit(add, num_requests)
+    except APIError:
+        raise
+    except QueueFullError as e:
+        raise APIError(429, str(e), type="rate_limit_error", code="queue_full") from None
+    except EngineStoppedError as e:
+        raise APIError(503, str(e), type="server_error", code="shutting_down") from None
+    except PromptTooLongError as e:
+        raise bad_request(str(e), code="context_length_exceeded") from None
+    except (ValueError, TypeError) as e:
+        raise bad_request(str(e), param=param if param != "n" else None, code="invalid_value") from None
 
 
 def _check_context(num_prompt: int, max_tokens: int, limit: int, param: str) -> None:
