@@ -1,8 +1,9 @@
 """What the server needs from the engine: the ``ServedLLM`` Protocol, which ``sparsex.LLM`` satisfies.
 
 The server is typed against this interface, not against the engine class, and probes nothing at
-run time: a method the server calls is listed here with its signature, and mypy checks that
-``sparsex.LLM`` has it (``tests/server/test_engine_api.py``).
+run time: a method the server calls is listed here with its signature. mypy checks that
+``sparsex.LLM`` satisfies it where ``sparsex serve`` hands an ``LLM`` to ``create_app``, and
+``tests/server/test_engine_api.py`` checks the parameters at run time.
 """
 
 from __future__ import annotations
