@@ -32,10 +32,10 @@ def test_a_failing_request_finishes_alone(llm: LLM, monkeypatch: pytest.MonkeyPa
     bad = llm.add_request("A poisoned request", poisoned)
     real = engine.sample
 
-    def sample(logits: Any, p: SamplingParams, gen: Any) -> tuple[int, float]:
+    def sample(logits: Any, p: SamplingParams, gen: Any, index: int = 0) -> tuple[int, float]:
         if p is poisoned and len(bad.output_token_ids) == 2:  # its third token, in a decode batch
             raise FloatingPointError("poisoned")
-        return real(logits, p, gen)
+        return real(logits, p, gen, index)
 
     monkeypatch.setattr(engine, "sample", sample)
     while not (good.finished and bad.finished):
