@@ -331,19 +331,29 @@ class EngineLoop:
             self._emit(t)
 
     def _emit(self, t: _Tracked) -> None:
+        """Send the request's news to its handler; a failure to build the event (detokenizing,
+        say) fails this request alone, never the loop."""
         r = t.req
         n = len(r.output_token_ids)
-        new_ids = r.output_token_ids[t.num_sent : n]
-        texts = [self.llm.tokenizer.decode([i]) for i in new_ids] if r.params.logprobs else []
-        ev = TokenEvent(
-            index=t.index,
-            text=r.text,
-            new_token_ids=new_ids,
-            new_logprobs=r.output_logprobs[t.num_sent : n],
-            new_token_texts=texts,
-            finish_reason=r.finish_reason if r.finished else None,
-            metrics=copy.deepcopy(r.metrics) if r.finished else None,
-        )
+        try:
+            new_ids = r.output_token_ids[t.num_sent : n]
+            texts = [self.llm.tokenizer.decode([i]) for i in new_ids] if r.params.logprobs else []
+            ev = TokenEvent(
+                index=t.index,
+                text=r.text,
+                new_token_ids=new_ids,
+                new_logprobs=r.output_logprobs[t.num_sent : n],
+                new_token_texts=texts,
+                finish_reason=r.finish_reason if r.finished else None,
+                metrics=copy.deepcopy(r.metrics) if r.finished else None,
+            )
+        except Exception:
+            log.exception("reporting request %s failed", r.request_id)
+            if not r.finished:
+                r.finish_reason = "error"
+                self.llm.abort(r)
+            r.finish_reason = "error"
+            ev = TokenEvent(t.index, "", [], [], [], "error", None)
         t.num_sent = n
         if r.finished:
             del self._tracked[r.request_id]

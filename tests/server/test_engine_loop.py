@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,5 +93,43 @@ def test_requests_stepped_inside_a_command_are_reported(model_dir: Path) -> None
     try:
         assert asyncio.run(scenario()) == "length"
         assert engine.num_inflight == 0
+    finally:
+        engine.stop()
+
+
+def test_a_request_that_cannot_be_reported_fails_alone(model_dir: Path) -> None:
+    """Detokenizing one request's tokens raises: that request ends with ``error``, the other goes on."""
+    llm = make_llm(model_dir)
+    engine = EngineLoop(llm, max_queue=4)
+    decode = llm.tokenizer.decode
+
+    def failing_decode(ids: list[int]) -> str:
+        caller = sys._getframe(1)
+        while caller.f_code.co_name.startswith("<"):  # the comprehension's frame, on some Pythons
+            caller = caller.f_back  # type: ignore[assignment]
+        if caller.f_code.co_name == "_emit":  # the loop's per-token texts, asked for by logprobs only
+            raise RuntimeError("cannot decode")
+        return str(decode(ids))
+
+    llm.tokenizer.decode = failing_decode  # type: ignore[method-assign]
+
+    def add(seed: int, logprobs: bool) -> Any:
+        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, seed=seed, logprobs=logprobs)
+        return lambda llm: [llm.add_request("Either one.", params)]
+
+    async def last(sub: Any) -> str | None:
+        ev = await asyncio.wait_for(sub.events.get(), 10)
+        while ev.finish_reason is None:
+            ev = await asyncio.wait_for(sub.events.get(), 10)
+        return ev.finish_reason
+
+    async def scenario() -> tuple[str | None, str | None]:
+        bad = await engine.submit(add(13, True), 1)
+        good = await engine.submit(add(1, False), 1)
+        return await last(bad), await last(good)
+
+    try:
+        assert asyncio.run(scenario()) == ("error", "length")
+        assert engine.is_alive and engine.num_inflight == 0
     finally:
         engine.stop()
