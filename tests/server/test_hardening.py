@@ -172,3 +172,14 @@ def test_hide_cache_usage(private_server: Any) -> None:
     assert set(events[-2]["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
     text = private_server.get("/metrics").text
     assert "hit_tokens" not in text and "recomputed" not in text and "recompute_fraction" not in text
+
+
+def test_a_prompt_that_can_never_fit_the_pool_is_400(model_dir: Path) -> None:
+    """Within the context but beyond the whole KV pool: a 400, never a 429 that invites retries."""
+    from tests.tiny_models import make_llm as make_sized_llm
+
+    llm = make_sized_llm(model_dir, num_blocks=8, block_size=16)  # 128 tokens of KV in all
+    with BackgroundServer(create_app(llm)) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        r = http.post("/v1/completions", json={"prompt": [5] * 100, "max_tokens": 100})
+        assert_error(r, 400, code="context_length_exceeded")
+        assert http.post("/v1/completions", json={"prompt": [5] * 20, "max_tokens": 4}).status_code == 200
