@@ -77,7 +77,9 @@ CALL = (
     | PATH_PART.map(lambda s: ("DELETE", "/v1/segments/" + s, b""))
     | PATH_PART.map(lambda s: ("GET", "/v1/models/" + s, b""))
     | st.sampled_from([("GET", p, b"") for p in ("/v1/models", "/v1/segments", "/health", "/metrics",
-                                                  "/v1/segments?namespace=%ED%A0%80", "/nope")])
+                                                  "/v1/segments?namespace=%ED%A0%80", "/nope", "/v1/cache/entries",
+                                                  "/v1/cache/entries?namespace=%00", "/v1/cache/events")])
+    | st.one_of(st.integers(), TEXT).map(lambda v: ("GET", f"/v1/cache/events?since={quote(str(v).encode('utf-8', 'surrogatepass'))}", b""))
 )
 
 # ----- the test ----------------------------------------------------------------------------------
