@@ -218,7 +218,8 @@ class LLM:
 
     def step(self) -> list[Request]:
         """Run one engine step: start the prefill of what was admitted, then one prefill chunk or one
-        decode batch. Returns the requests that got a new token, finished or failed."""
+        decode batch. Returns every request that got a new token, finished or failed in it
+        (followers that got their first token and finished pins included)."""
         if self.tiers is not None:  # stored segments the waiting prompts can use -> into the pool
             self.tiers.prefetch(self.scheduler.waiting)
         out = self.scheduler.schedule()
@@ -358,7 +359,10 @@ class LLM:
             self._finish(req)
 
     def error_of(self, req: Request) -> Exception | None:
-        """The exception that failed ``req`` (``finish_reason == "error"``), if any; forgets it."""
+        """The exception that failed ``req`` (``finish_reason == "error"``), if any; forgets it.
+
+        ``generate``, ``chat``, ``stream`` and ``run_to_completion`` collect it; a caller driving
+        ``add_tokenized`` + ``step`` itself should call this for each failed request."""
         return self._errors.pop(req.request_id, None)
 
     def _append_token(self, req: Request, logits: torch.Tensor) -> None:
@@ -502,7 +506,9 @@ class LLM:
     def add_pin(self, doc: str | list[int], namespace: str = "", name: str | None = None) -> Request:
         """Queue the pinning of one document (computed alone, after BOS where the model uses one);
         its ``pinned_segment_id`` is set when it finishes."""
-        toks = self.tokenizer.encode(doc) if isinstance(doc, str) else [int(t) for t in doc]
+        # Control-token strings in a document are text (as in chat content), so the pinned tokens
+        # match the same document wherever a request carries it.
+        toks = self.tokenizer.encode(doc, special_tokens=False) if isinstance(doc, str) else [int(t) for t in doc]
         if not toks:
             raise ValueError("cannot pin an empty document")
         ids = self.tokenizer.with_bos(toks)

@@ -95,8 +95,8 @@ def late_start_effect(
     _, _, hits = llm.cache.lookup(ids, spans, namespace, prefix=False, segments=True)
     cached = {m: torch.zeros(n, llm.spec.hidden_size) for m in starts}  # each reused token's recorded input
     for h in hits:
-        j = torch.arange(h.num_tokens)
-        orig = torch.tensor(h.src_positions)[j // bs] + j % bs
+        k = h.first_offset + torch.arange(h.num_tokens)  # entry slots of the run (any offset)
+        orig = torch.tensor(h.src_positions)[k // bs] + k % bs
         toks, o = ids[h.span.start : h.span.start + h.num_tokens], int(orig[0])
         # The first warm-up holding the segment at that position computed (and registered) it.
         src = next(states for w_ids, states in warm_states if w_ids[o : o + len(toks)] == toks)

@@ -70,6 +70,15 @@ class ServedLLM(Protocol):
         reuse: str | ReuseOptions | dict[str, Any] | None = None,
     ) -> Request: ...
 
+    def add_choices(
+        self,
+        ids: list[int],
+        params: Sequence[SamplingParams],
+        spans: Sequence[Any] = (),
+        request_ids: Sequence[str] | None = None,
+        reuse: str | ReuseOptions | dict[str, Any] | None = None,
+    ) -> list[Request]: ...
+
     def step(self) -> list[Request]: ...
 
     def abort(self, req: Request) -> None: ...

@@ -45,12 +45,6 @@ if TYPE_CHECKING:
 Encoder = Callable[["ServedLLM"], "tuple[list[int], list[SegmentSpan]]"]
 
 
-def takes_reuse(llm: Any) -> bool:
-    """Whether the engine's ``add_tokenized`` takes per-request ``reuse`` options (always, now that
-    the server is typed against ``ServedLLM``; kept for ``sparsex.bench.serve``)."""
-    return True
-
-
 class OpenAIServing:
     """Chat and text completions over an ``EngineLoop``; options in ``ServerConfig``."""
 
@@ -165,11 +159,12 @@ class OpenAIServing:
             try:
                 for encode in encoders:
                     ids, spans = encode(llm)
-                    for j in range(body.n):
-                        params = self.sampling_params(body, len(ids), j, max_tokens, logprobs)
+                    choices = [self.sampling_params(body, len(ids), j, max_tokens, logprobs) for j in range(body.n)]
+                    for params in choices:
                         _check_context(len(ids), params.max_tokens, context_limit(llm), param)
-                        reqs.append(llm.add_tokenized(ids, params, spans, request_id=f"{rid}-{len(reqs)}",
-                                                      **options))
+                    # The n choices of a prompt share one prefill (the engine forks its KV).
+                    rids = [f"{rid}-{len(reqs) + j}" for j in range(body.n)]
+                    reqs += llm.add_choices(ids, choices, spans, request_ids=rids, **options)
             except BaseException:
                 for r in reqs:  # all or nothing
                     llm.abort(r)

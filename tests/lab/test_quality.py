@@ -67,5 +67,5 @@ def test_late_start_joins_the_recorded_hidden_states(llm: LLM) -> None:
     # the wrong tokens give KL ~3e-6 on this model).
     same = WorkItem(name="same", warmup=[item.prompt], prompt=item.prompt, answer=None, kind="rag")
     exact = late_start_effect(llm, same, [1], namespace="ls-same")
-    assert exact["naive"][0] <= 1e-8 and exact["all@1"][0] <= 1e-8
+    assert exact["naive"][0] <= 1e-8 and exact["all@1"][0] <= 1e-7  # fp noise of a separate pass; wrong states: ~3e-6
     assert llm.pool.num_free_blocks == llm.pool.num_blocks

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-from sparsex.lab.bench.common import machine, print_table, write_json
+from sparsex.lab.bench.common import machine, percentile, print_table, write_json
 
 
 def long_prompt(llm: Any, tokens: int, seed: int) -> list[int]:
@@ -33,7 +33,6 @@ def run_setting(args: argparse.Namespace, chunk: int | None) -> dict[str, Any]:
     import openai
 
     from sparsex import LLM
-    from sparsex.lab.bench.serve import percentile
     from sparsex.server.app import create_app
     from sparsex.server.background import BackgroundServer
 

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sparsex.lab.bench.common import machine, print_table, write_json
+from sparsex.lab.bench.common import machine, percentile, print_table, write_json
 from sparsex.server.cli import parse_memory
 from sparsex.server.protocol import reuse_methods
 
@@ -149,13 +149,6 @@ def run_conversation(client: Any, model: str, index: int, conv: Conversation, re
     return stats
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in [0, 100])."""
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * q // 100))
-    return ordered[int(rank) - 1]
-
-
 def summarize(reuse: str, stats: list[RequestStats], wall_s: float) -> dict[str, Any]:
     ttft = [s.ttft_s for s in stats]
     prompt = sum(s.prompt_tokens for s in stats)
@@ -175,18 +168,16 @@ def summarize(reuse: str, stats: list[RequestStats], wall_s: float) -> dict[str,
     }
 
 
-def run(args: argparse.Namespace, reuse: str, convs: list[Conversation]) -> tuple[dict[str, Any], bool]:
-    """One run on a fresh engine (no cache carried over); returns its summary and per-request stats."""
+def run(args: argparse.Namespace, reuse: str, convs: list[Conversation]) -> dict[str, Any]:
+    """One run on a fresh engine (no cache carried over); returns its summary (with per-request stats)."""
     import openai
 
     from sparsex import LLM
     from sparsex.server.app import create_app
     from sparsex.server.background import BackgroundServer
-    from sparsex.server.serving import takes_reuse
 
     kwargs = {} if args.kv_cache_memory is None else {"kv_cache_memory": args.kv_cache_memory}
     llm = LLM(model=args.model, device=args.device, **kwargs)
-    supports_reuse = takes_reuse(llm)
     app = create_app(llm, max_queue=max(256, 2 * args.concurrency), default_max_tokens=args.max_tokens)
     with BackgroundServer(app) as server:
         client = openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0, timeout=3600)
@@ -201,7 +192,7 @@ def run(args: argparse.Namespace, reuse: str, convs: list[Conversation]) -> tupl
         client.close()
     summary = summarize(reuse, stats, wall)
     summary["requests"] = [asdict(s) for s in stats]
-    return summary, supports_reuse
+    return summary
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -218,7 +209,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=4, help="conversations in flight at once")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request")
     p.add_argument("--reuse", choices=[m for m in reuse_methods() if m != "none"], default=None,
-                   help="reuse method of the 'on' run (default: sparsex, or prefix if the engine has no reuse)")
+                   help="reuse method of the 'on' run (default: blend)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/bench_serve.json")
     args = p.parse_args(argv)
@@ -235,9 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         return fairness.main([a for a in argv if a != "--fairness"])
     args = parse_args(argv)
     convs = make_conversations(args)
-    off, supports_reuse = run(args, "none", convs)
-    method = args.reuse or ("sparsex" if supports_reuse else "prefix")
-    on, _ = run(args, method, convs)
+    off = run(args, "none", convs)
+    method = args.reuse or "blend"
+    on = run(args, method, convs)
     headers = ["reuse", "requests", "TTFT p50 ms", "TTFT p99 ms", "TTFT mean ms", "out tok/s", "req/s",
                "cached %", "recomputed %"]
     rows = [
@@ -246,10 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in (off, on)
     ]
     print_table(headers, rows)
-    print(f"TTFT p50 speedup with reuse={method}: {off['ttft_p50_s'] / max(on['ttft_p50_s'], 1e-9):.2f}x"
-          + ("" if supports_reuse else " (the engine takes no per-request reuse yet: both runs are full prefill)"))
+    print(f"TTFT p50 speedup with reuse={method}: {off['ttft_p50_s'] / max(on['ttft_p50_s'], 1e-9):.2f}x")
     config = {k: v for k, v in vars(args).items() if k != "out"}
-    write_json(args.out, {"config": config, "machine": machine(), "engine_supports_reuse": supports_reuse,
+    write_json(args.out, {"config": config, "machine": machine(),
                           "reuse_method": method, "runs": [off, on]})
     return 0
 
