@@ -16,7 +16,8 @@ from tests.server.helpers import make_llm
 
 
 class RecordingLLM:
-    """A real engine whose ``add_tokenized`` records the spans and reuse options it was given."""
+    """A real engine whose ``add_choices`` records the spans, reuse options and sampling parameters of
+    every choice it was given (the server adds a prompt's ``n`` choices in one call)."""
 
     def __init__(self, llm: LLM) -> None:
         self._llm = llm
@@ -25,10 +26,10 @@ class RecordingLLM:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._llm, name)
 
-    def add_tokenized(self, ids: list[int], params: Any, spans: Any = (), request_id: str | None = None,
-                      reuse: Any = None) -> Any:
-        self.calls.append({"spans": list(spans), "reuse": reuse, "params": params})
-        return self._llm.add_tokenized(ids, params, spans, request_id, reuse)
+    def add_choices(self, ids: list[int], params: Any, spans: Any = (), request_ids: Any = None,
+                    reuse: Any = None) -> Any:
+        self.calls += [{"spans": list(spans), "reuse": reuse, "params": p} for p in params]
+        return self._llm.add_choices(ids, params, spans, request_ids, reuse)
 
 
 @pytest.fixture
