@@ -2,7 +2,7 @@
 
     LLM.generate / chat / next_token_logprobs
       -> add_request -> Scheduler.schedule(): admit (KVCacheManager: hits + blocks) | decode batch
-         -> step(): Prefiller.prefill(ids, options, admission) | ModelRunner.forward
+         -> step(): Prefiller.start(ids, options, admission).advance(...) | ModelRunner.forward
          -> sample -> RequestOutput
 
 A failure in one request (its prefill, sampling or detokenization) finishes that request alone

@@ -69,6 +69,11 @@ class Admission:
     lookup_s: float = 0.0
 
     @property
+    def runs(self) -> list[tuple[int, int]]:
+        """``[start, end)`` prompt positions of every hit, ascending."""
+        return [(h.span.start, h.span.start + h.num_tokens) for h in self.hits]
+
+    @property
     def num_seam_lost_tokens(self) -> int:
         """Tokens of prompt segments that were found in part but not these ones (lost at seams:
         BPE merges across a boundary, edited text, runs shorter than the minimum)."""
@@ -134,11 +139,10 @@ def namespace_regions(start: int, end: int, spans: Sequence[SegmentSpan], ns: st
 
 def source_at(spans: Sequence[SegmentSpan], position: int) -> str:
     """The source of the prompt segment holding ``position`` (annotated ones first), else ``auto``."""
-    best = "auto"
     for s in spans:
         if s.start <= position < s.end and s.source != "auto":
             return str(s.source)
-    return best
+    return "auto"
 
 
 class KVCacheManager:

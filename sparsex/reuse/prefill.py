@@ -74,16 +74,9 @@ class Prefiller:
         """Load ``adm``'s hits and plan; the returned task runs the plan (``advance``)."""
         return PrefillTask(self, ids, opts, adm)
 
-    def prefill(self, ids: list[int], opts: ReuseOptions, adm: Admission) -> PrefillResult:
-        """Run ``ids`` with ``opts`` over the blocks and hits of ``adm`` in one call."""
-        result = self.start(ids, opts, adm).advance(None)
-        assert result is not None
-        return result
-
     def _load_and_plan(self, ids: list[int], opts: ReuseOptions, adm: Admission) -> tuple[RecomputePlan, torch.Tensor, float]:
         t0 = time.perf_counter()
         n, start, table = len(ids), adm.prefix_len, list(adm.block_table)
-        runs = [(h.span.start, h.span.start + h.num_tokens) for h in adm.hits]
         reused = torch.zeros(n, dtype=torch.bool)
         try:
             reused[self.store.load(adm.hits, table)] = True
@@ -92,7 +85,7 @@ class Prefiller:
             raise
         load_s = time.perf_counter() - t0
         seq = SeqInput(ids[start:], list(range(start, n)), table, n)
-        plan = plan_prefill(opts, ReuseSituation(seq, start, reused, runs), self.context, self.planners)
+        plan = plan_prefill(opts, ReuseSituation(seq, start, reused, adm.runs), self.context, self.planners)
         return plan, reused, load_s
 
     def _finish(
@@ -101,12 +94,11 @@ class Prefiller:
     ) -> PrefillResult:
         """Publish fresh KV and describe what ran."""
         n, start, table = len(ids), adm.prefix_len, list(adm.block_table)
-        runs = [(h.span.start, h.span.start + h.num_tokens) for h in adm.hits]
         hit_sources: Counter[str] = Counter()
         for h in adm.hits:
             hit_sources[h.span.source] += h.num_tokens
         if opts.register:
-            first_reused = min((a for a, _ in runs), default=n)
+            first_reused = min((a for a, _ in adm.runs), default=n)
             fresh = [
                 s for s in adm.spans
                 if not bool(reused[s.start : s.end].any()) and (s.end <= first_reused or opts.register_after_reuse)
