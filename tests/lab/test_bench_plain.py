@@ -23,3 +23,22 @@ def test_plain_bench_finds_reordered_documents(tiny_model_dir: Any, tmp_path: An
     assert rows[("half replaced", "naive")]["doc_tokens"] < rows[("reordered", "naive")]["doc_tokens"]
     assert rows[("half replaced", "naive")]["found_share"] >= 0.9
     assert all(0 <= r["match4"] <= 4 and r["kl"] >= 0 for r in rows.values())
+
+
+def test_bench_documents_are_distinct() -> None:
+    """The corpus repeats a few paragraphs; a benchmark's documents never do (a repeat would be a
+    free hit and one fewer entry than documents). These arguments drew a repeat before the fix."""
+    from sparsex.lab.bench.plain import documents
+
+    class Words:  # a whitespace tokenizer: one token per word
+        def encode(self, text: str) -> list[str]:
+            return text.split()
+
+        def decode(self, toks: list[str]) -> str:
+            return " ".join(toks)
+
+    class Engine:
+        tokenizer = Words()
+
+    docs = documents(Engine(), 16, 100, seed=7)
+    assert len(docs) == 16 and len(set(docs)) == 16

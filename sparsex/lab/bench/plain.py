@@ -22,14 +22,15 @@ QUESTION = "\n\nQuestion: Which document explains the main idea, and what is it?
 
 
 def documents(llm: Any, num_docs: int, doc_tokens: int, seed: int) -> list[str]:
-    """``num_docs`` passages of real text, each cut to about ``doc_tokens`` tokens."""
+    """``num_docs`` distinct passages of real text, each cut to about ``doc_tokens`` tokens."""
     from sparsex.lab.workloads import passages
 
-    docs = []
+    docs: list[str] = []
     for text in passages(doc_tokens * 4, doc_tokens * 8, seed):
         toks = llm.tokenizer.encode(text)
-        if len(toks) >= doc_tokens:
-            docs.append(llm.tokenizer.decode(toks[:doc_tokens]).strip())
+        doc = llm.tokenizer.decode(toks[:doc_tokens]).strip()
+        if len(toks) >= doc_tokens and doc not in docs:  # the corpus repeats a few paragraphs
+            docs.append(doc)
         if len(docs) == num_docs:
             return docs
     raise ValueError(f"the corpus has fewer than {num_docs} passages of {doc_tokens} tokens")
