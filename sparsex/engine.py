@@ -87,6 +87,9 @@ class LLM:
         self.config = EngineConfig(model=model, device=device, **kwargs)
         self.methods: tuple[str, ...] = (*METHODS, *(m for m in (planners or {}) if m not in METHODS))
         self.reuse = resolve_reuse(ReuseOptions(), reuse, self.methods)
+        mpt = self.config.max_prefill_tokens
+        if mpt is not None and (isinstance(mpt, bool) or not isinstance(mpt, int) or mpt < 1):
+            raise ValueError(f"max_prefill_tokens must be a positive int or None (unbounded), got {mpt!r}")
         if self.config.kv_dtype not in DTYPES:
             raise ValueError(f"kv_dtype must be one of {sorted(DTYPES)}, got {self.config.kv_dtype!r}")
         self.device = torch.device(device)

@@ -35,6 +35,13 @@ def test_chunked_prefill_matches_one_pass(model: str) -> None:
     assert np.abs(la - lb).max() <= 1e-4
 
 
+@pytest.mark.parametrize("bad", [0, -4, 1.5, True])
+def test_max_prefill_tokens_must_be_positive(model: str, bad: Any) -> None:
+    """A chunk of 0 tokens would never finish a prefill: refused when the engine is built."""
+    with pytest.raises(ValueError, match="max_prefill_tokens"):
+        LLM(model=model, kv_cache_memory=1 << 20, max_prefill_tokens=bad)
+
+
 def test_a_short_request_finishes_while_a_long_prefill_is_chunked(model: str) -> None:
     llm = LLM(model=model, kv_cache_memory=32 << 20, max_prefill_tokens=32)
     long = llm.add_tokenized(long_ids(llm, 600), SamplingParams(max_tokens=2, ignore_eos=True), reuse="none")

@@ -40,6 +40,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", default=None, help="model id clients send (default: --model)")
     parser.add_argument("--default-max-tokens", type=int, default=256,
                         help="max_tokens for requests that do not set it")
+    parser.add_argument("--max-prefill-tokens", type=int, default=None, metavar="N",
+                        help="prompt tokens per engine step of a full prefill (chunked prefill; default 512, "
+                             "0 = unchunked). Smaller: short requests wait less behind long prompts, long "
+                             "prompts take longer (docs/BENCHMARKS.md, fairness)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     sec = parser.add_argument_group("tenants and security (see sparsex/server/README.md)")
     sec.add_argument("--api-key", default=None,
@@ -104,6 +108,7 @@ def serve_main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")  # sparsex.* loggers
     kwargs = {} if args.kv_cache_memory is None else {"kv_cache_memory": args.kv_cache_memory}
     kwargs.update(store_kwargs(args))
+    kwargs.update(prefill_kwargs(args))
     llm = LLM(model=args.model, device=args.device, **kwargs)
     app = create_app(llm, config)
     # uvicorn's own graceful timeout only matters after the drain, when nothing is left to wait for.
@@ -120,6 +125,16 @@ def store_kwargs(args: argparse.Namespace) -> dict[str, object]:
     if isinstance(out["kv_disk_bytes"], float):
         raise ValueError("--kv-disk-bytes is a size (20G), not a fraction")
     return {k: v for k, v in out.items() if v is not None}
+
+
+def prefill_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    """``LLM``'s ``max_prefill_tokens`` from ``--max-prefill-tokens`` (0: unchunked), if given."""
+    n = getattr(args, "max_prefill_tokens", None)
+    if n is None:
+        return {}
+    if n < 0:
+        raise ValueError(f"--max-prefill-tokens must be 0 (unchunked) or positive, got {n}")
+    return {"max_prefill_tokens": n or None}
 
 
 def main(argv: list[str] | None = None) -> None:

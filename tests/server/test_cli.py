@@ -67,3 +67,12 @@ def test_security_options(tmp_path: Path) -> None:
         keys.write_text(bad)
         with pytest.raises(ValueError):
             cli.server_config(parse("--api-keys", str(keys)))
+
+
+def test_max_prefill_tokens_flag() -> None:
+    """``--max-prefill-tokens`` sets the chunk size; 0 turns chunking off; negatives are refused."""
+    assert cli.prefill_kwargs(parse()) == {}
+    assert cli.prefill_kwargs(parse("--max-prefill-tokens", "128")) == {"max_prefill_tokens": 128}
+    assert cli.prefill_kwargs(parse("--max-prefill-tokens", "0")) == {"max_prefill_tokens": None}
+    with pytest.raises(ValueError, match="max-prefill-tokens"):
+        cli.prefill_kwargs(parse("--max-prefill-tokens", "-1"))
