@@ -5,18 +5,20 @@ Every label set is bounded: HTTP requests are labelled with the route *template*
 never the raw path, so a client cannot inject lines or grow the exposition. Counters and histograms
 are updated on the event loop thread; engine and KV pool gauges are read at scrape time.
 
-With ``hide_cache_usage`` the cache counters (prefix / segment hit tokens, recomputed tokens,
-recompute fraction) are not registered at all: they would show other users' activity.
+With ``hide_cache_usage`` the cache counters (prefix / segment hit tokens, tokens found by source,
+reused runs, tokens lost at seams, recomputed tokens, recompute fraction) are not registered at
+all: they would show other users' activity.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from sparsex.kvstore.metrics import store_exposition
+from sparsex.segments import SegmentSource
 
 if TYPE_CHECKING:
     from sparsex.request import RequestMetrics
@@ -29,6 +31,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 FRACTION_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 0.9, 1.0)
 METHODS = ("GET", "POST", "DELETE")
 FINISH_REASONS = ("stop", "length", "abort", "error")
+FOUND_SOURCES = frozenset(get_args(SegmentSource))
+"""Label values of ``sparsex_found_tokens{source}`` besides ``prefix`` (bounded: anything else is ``other``)."""
 
 
 class ServerMetrics:
@@ -64,6 +68,15 @@ class ServerMetrics:
                                ("segment_hit", "Prompt tokens whose KV came from cached segments."),
                                ("recomputed", "Prompt tokens recomputed.")):
                 self.cache[name] = Counter(f"sparsex_{name}_tokens", text, registry=r)
+            self.found = Counter("sparsex_found_tokens",
+                                 "Prompt tokens served from cache, by where they were found: the exact prefix, "
+                                 "or cached runs inside an explicit segment, a chat message, a pinned "
+                                 "document's span, or plain text (auto).", ["source"], registry=r)
+            self.runs = Counter("sparsex_reused_runs", "Cached token runs reused (each from one entry, any offset).",
+                                registry=r)
+            self.seam_lost = Counter("sparsex_seam_lost_tokens",
+                                     "Tokens of prompt segments found in part but not these (lost at seams, edits).",
+                                     registry=r)
             self.compute_fraction = Histogram("sparsex_recompute_fraction",
                                               "Fraction of a full prefill's work done per request.",
                                               buckets=FRACTION_BUCKETS, registry=r)
@@ -90,6 +103,11 @@ class ServerMetrics:
             self.cache["prefix_hit"].inc(m.num_prefix_hit_tokens)
             self.cache["segment_hit"].inc(m.num_segment_hit_tokens)
             self.cache["recomputed"].inc(m.num_recomputed_tokens)
+            self.found.labels("prefix").inc(m.num_prefix_hit_tokens)
+            for source, num in m.segment_hit_tokens_by_source.items():
+                self.found.labels(source if source in FOUND_SOURCES else "other").inc(num)
+            self.runs.inc(m.num_reused_runs)
+            self.seam_lost.inc(m.num_seam_lost_tokens)
         if self.compute_fraction is not None:
             self.compute_fraction.observe(m.compute_fraction)
 

@@ -57,6 +57,27 @@ def test_metrics(http: Any, client: openai.OpenAI, model: str) -> None:
     assert metric(after, "sparsex_http_requests_total", route="/v1/completions", method="POST", status="200") >= 1
 
 
+def test_metrics_count_found_tokens_by_source_runs_and_seams(http: Any, client: openai.OpenAI, model: str) -> None:
+    """A document seen inside one plain prompt and found again inside another: /metrics counts the
+    tokens found in plain text (``source="auto"``), the runs, and the tokens lost at seams."""
+    from pydoc_data.topics import topics
+
+    docs = [topics[k][:300] for k in ("assert", "class", "calls")]
+    before = http.get("/metrics").text
+    client.completions.create(model=model, prompt="Read these.\n\n" + "\n\n".join(docs), max_tokens=1,
+                              extra_body={"sparsex": {"reuse": "none"}})
+    out = client.completions.create(model=model, prompt="Other order.\n" + "\n".join(docs[::-1]) + "\nWhy?",
+                                    max_tokens=1, extra_body={"sparsex": {"reuse": "naive"}})
+    after = http.get("/metrics").text
+    found_auto = metric(after, "sparsex_found_tokens_total", source="auto") - metric(
+        before, "sparsex_found_tokens_total", False, source="auto")
+    assert found_auto == out.model_dump()["usage"]["segment_hit_tokens"] > 0  # plain text: all of it auto
+    assert metric(after, "sparsex_reused_runs_total") - metric(before, "sparsex_reused_runs_total", False) >= 3
+    assert metric(after, "sparsex_seam_lost_tokens_total") >= metric(before, "sparsex_seam_lost_tokens_total", False)
+    sources = {s.labels["source"] for s in samples(after) if s.name == "sparsex_found_tokens_total"}
+    assert sources <= {"prefix", "explicit", "chat", "auto", "pinned", "other"} and "prefix" in sources
+
+
 def test_metrics_labels_are_route_templates(http: Any) -> None:
     """A hostile path can neither inject lines into the exposition nor grow it (issue 15, item 4)."""
     evil = "/v1/segments/x%22%2Cstatus%3D%22200%22%7D%201%0Afake_metric%201%0A"

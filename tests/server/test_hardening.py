@@ -172,6 +172,7 @@ def test_hide_cache_usage(private_server: Any) -> None:
     assert set(events[-2]["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
     text = private_server.get("/metrics").text
     assert "hit_tokens" not in text and "recomputed" not in text and "recompute_fraction" not in text
+    assert "found_tokens" not in text and "reused_runs" not in text and "seam_lost" not in text
 
 
 def test_a_prompt_that_can_never_fit_the_pool_is_400(model_dir: Path) -> None:
