@@ -42,6 +42,30 @@ def plain_prompt(docs: list[str]) -> str:
     return INSTRUCTION + body + QUESTION
 
 
+def document_positions(llm: Any, prompt: str, cached: list[str]) -> set[int]:
+    """Prompt positions of tokens that lie inside one of the ``cached`` documents' text (by the
+    tokenizer's character offsets; BOS, if the model adds one, shifts them by one)."""
+    enc = llm.tokenizer.hf.encode(prompt, add_special_tokens=False)
+    shift = len(llm.tokenizer.with_bos([]))
+    spans = []
+    for d in cached:
+        at = prompt.index(d)
+        spans.append((at, at + len(d)))
+    return {i + shift for i, (a, b) in enumerate(enc.offsets) if any(s <= a and b <= e for s, e in spans)}
+
+
+def found_document_tokens(llm: Any, prompt: str, doc_pos: set[int], ns: str) -> int:
+    """Of ``doc_pos``, the tokens whose KV came from the cache: ``naive`` recomputes exactly the
+    tokens it did not find, so these are the document positions it did not recompute."""
+    from sparsex import SamplingParams
+
+    req = llm.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
+                          reuse={"method": "naive", "register": False, "namespace": ns}, keep_first_logits=True)
+    out = llm.run_to_completion([req])[0]
+    recomputed = {int(p) for p in out.recomputed_positions}
+    return len(doc_pos - recomputed)
+
+
 def phases(docs: list[str], fresh: list[str]) -> dict[str, list[str]]:
     """The prompts after the first: the same documents reordered, then half replaced by new ones."""
     k = len(docs)
@@ -66,8 +90,8 @@ def run_length(llm: Any, total: int, args: argparse.Namespace, methods: list[tup
     rows = []
     for phase, order in phases(docs, fresh).items():
         prompt = plain_prompt(order)
-        cached_docs = [d for d in order if d in docs]
-        doc_tokens = sum(len(llm.tokenizer.encode(d)) for d in cached_docs)
+        doc_pos = document_positions(llm, prompt, [d for d in order if d in docs])
+        found_docs = found_document_tokens(llm, prompt, doc_pos, ns)
         times: dict[str, list[float]] = {label: [] for label, _ in methods}
         last: dict[str, Any] = {}
         for _ in range(args.repeats):
@@ -90,8 +114,9 @@ def run_length(llm: Any, total: int, args: argparse.Namespace, methods: list[tup
                 match += 1
             rows.append({
                 "length": total, "phase": phase, "method": label, "prompt_tokens": m.num_prompt_tokens,
-                "doc_tokens": doc_tokens, "found": m.num_segment_hit_tokens + m.num_prefix_hit_tokens,
-                "found_share": (m.num_segment_hit_tokens + m.num_prefix_hit_tokens) / max(1, doc_tokens),
+                "doc_tokens": len(doc_pos), "found": 0 if label == "none" else found_docs,
+                "found_share": 0.0 if label == "none" else found_docs / max(1, len(doc_pos)),
+                "hit_tokens": m.num_segment_hit_tokens + m.num_prefix_hit_tokens,
                 "runs": m.num_reused_runs, "seam_lost": m.num_seam_lost_tokens,
                 "ttft_s": t, "speedup": base / t, "cost": m.compute_fraction, "overhead_s": m.reuse_overhead_s,
                 "kl": kls[label], "gap_closed": (1.0 - kls[label] / kls["naive"]) if kls.get("naive") else None,
