@@ -223,8 +223,12 @@ class RunMatcher:
         work, reach = 0, 0  # every run kept so far starts at or before i and ends at or before reach
         found: list[TokenRun] = []
         passed: set[tuple[int, int, int]] = set()  # (prompt position, block id, offset) already in a run
+        passed_at: dict[int, int] = {}  # prompt position -> how many of those it has
         for i, rolling in enumerate(rolling_hashes(tokens, a)):
-            if rolling not in weak or (work > budget and i + a <= reach):  # mostly: no strong hash
+            count = weak.get(rolling, 0)
+            if not count or (work > budget and i + a <= reach):  # mostly: no strong hash
+                continue
+            if passed_at.get(i, 0) >= count:  # every anchor with this weak hash already lies in a run
                 continue
             window = tokens[i : i + a]
             anchors = self._anchors.get(hash_block(None, window, salt, self._hash_fn), {})
@@ -239,7 +243,7 @@ class RunMatcher:
                     continue
                 run = self._extend(tokens, i, node, offset)
                 work += _EXTEND_COST + run.num_tokens
-                self._mark_anchors(run, passed)
+                self._mark_anchors(run, passed, passed_at)
                 if run.num_tokens >= min_run:
                     found.append(run)
                     reach = max(reach, run.prompt_end)
@@ -293,14 +297,19 @@ class RunMatcher:
                     best, best_len = child, length
         return best
 
-    def _mark_anchors(self, run: TokenRun, passed: set[tuple[int, int, int]]) -> None:
-        """Record every anchor the run passes through: a hit there would extend to this same run."""
+    def _mark_anchors(self, run: TokenRun, passed: set[tuple[int, int, int]], passed_at: dict[int, int]) -> None:
+        """Record every anchor the run passes through: a hit there would extend to this same run.
+        ``passed_at`` counts them per prompt position, so a position whose every weak-hash match is
+        already passed skips the strong hash (exact: an anchor with the same weak hash but other
+        content is not passed, so the count falls short and the position is examined)."""
         a, block_size = self._anchor_len, self._block_size
         for index, block_id in enumerate(run.block_ids):
             block_start = run.prompt_start + index * block_size - run.first_offset  # prompt pos of slot 0
             for offset in range(0, len(self._nodes[block_id].tokens) - a + 1, a):
-                if run.prompt_start <= block_start + offset and block_start + offset + a <= run.prompt_end:
-                    passed.add((block_start + offset, block_id, offset))
+                at = block_start + offset
+                if run.prompt_start <= at and at + a <= run.prompt_end and (at, block_id, offset) not in passed:
+                    passed.add((at, block_id, offset))
+                    passed_at[at] = passed_at.get(at, 0) + 1
 
     def _salt(self, namespace: str) -> tuple[str, ...]:
         return (self._model_id, namespace, CONTENT_DOMAIN)
