@@ -7,6 +7,10 @@
 
 A failure in one request (its prefill, sampling or detokenization) finishes that request alone
 with ``finish_reason == "error"``; ``generate`` re-raises it to the caller.
+
+This file holds the request lifecycle and the step loop; ``LLM`` also inherits the calls built on
+them: ``RequestOutput`` and generate / chat / stream (engine_outputs.py), and the pinned-segment
+API (engine_pins.py).
 """
 
 from __future__ import annotations
@@ -14,22 +18,22 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from sparsex.cache.block_pool import BlockPool, blocks_for_budget
 from sparsex.config import EngineConfig, available_memory_bytes
-from sparsex.detokenize import TextCursor
+from sparsex.engine_outputs import Outputs
+from sparsex.engine_outputs import RequestOutput as RequestOutput  # part of this module's API
+from sparsex.engine_pins import PinnedSegments
 from sparsex.kv_cache import KVCache
 from sparsex.kv_manager import KVCacheManager
 from sparsex.model_runner import ModelRunner, SeqInput
 from sparsex.models.base import ModelSpec
 from sparsex.models.loader import load_model, resolve_model
-from sparsex.request import PinSpec, Request, RequestMetrics
+from sparsex.request import Request
 from sparsex.reuse.options import METHODS, ReuseOptions, resolve_reuse
 from sparsex.reuse.planner import Planner
 from sparsex.reuse.prefill import Prefiller, PrefillTask
@@ -48,27 +52,7 @@ class PromptTooLongError(ValueError):
     """The prompt (plus max_tokens) exceeds the model's context or the KV pool."""
 
 
-@dataclass
-class RequestOutput:
-    """What a finished (or streaming) request returns."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finished: bool
-    finish_reason: str | None
-    logprobs: list[float]
-    metrics: RequestMetrics
-    first_logprobs: np.ndarray | None = None
-    """With ``keep_first_logits``: log-probabilities over the vocabulary at the first generated token."""
-    recomputed_positions: np.ndarray | None = None
-    """With ``keep_first_logits``: the prompt positions the prefill ran through the last layer."""
-    step_logprobs: np.ndarray | None = None
-    """With ``keep_first_logits=n``: [n, V] log-probabilities at each of the first n generated tokens."""
-
-
-class LLM:
+class LLM(Outputs, PinnedSegments):
     """A loaded model with its KV cache, serving prompts.
 
     >>> llm = LLM()  # default model (SmolLM2-135M-Instruct) on CPU
@@ -406,133 +390,3 @@ class LLM:
             req.block_table = []
         self._generators.pop(req.request_id, None)
         self._keep_first.pop(req.request_id, None)
-
-    def output_of(self, req: Request) -> RequestOutput:
-        """The request's output so far (with the kept first-token data, which is then forgotten)."""
-        first = self._first.pop(req.request_id, None) if req.finished else None
-        steps = self._steps.pop(req.request_id, None) if req.finished else None
-        return RequestOutput(
-            request_id=req.request_id,
-            prompt_token_ids=req.prompt_token_ids,
-            token_ids=list(req.output_token_ids),
-            text=req.text,
-            finished=req.finished,
-            finish_reason=req.finish_reason,
-            logprobs=list(req.output_logprobs),
-            metrics=req.metrics,
-            first_logprobs=None if first is None else torch.log_softmax(first[0], dim=-1).cpu().numpy(),
-            recomputed_positions=None if first is None else first[1].numpy(),
-            step_logprobs=None if not steps else torch.stack(steps).numpy(),
-        )
-
-    # ----- public API ------------------------------------------------------------------------
-
-    def generate(
-        self,
-        prompts: Prompt | Sequence[Prompt],
-        sampling_params: SamplingParams | None = None,
-        reuse: str | ReuseOptions | dict[str, Any] | None = None,
-    ) -> list[RequestOutput]:
-        """Generate for one prompt or a list of prompts; outputs keep the input order.
-
-        ``reuse`` overrides the engine's reuse method/options for these requests.
-        """
-        batch = [prompts] if self._is_single(prompts) else list(prompts)
-        reqs = [self.add_request(p, sampling_params, reuse=reuse) for p in batch]  # type: ignore[arg-type]
-        return self.run_to_completion(reqs)
-
-    def run_to_completion(self, reqs: Sequence[Request]) -> list[RequestOutput]:
-        """Step until ``reqs`` finish; their outputs in order. Re-raises the first request's error."""
-        while not all(r.finished for r in reqs):
-            self.step()
-        errors = [e for e in (self.error_of(r) for r in reqs) if e is not None]
-        if errors:
-            raise errors[0]
-        return [self.output_of(r) for r in reqs]
-
-    @staticmethod
-    def _is_single(prompts: Any) -> bool:
-        if isinstance(prompts, str):
-            return True
-        return isinstance(prompts, list) and bool(prompts) and all(isinstance(t, int) for t in prompts)
-
-    def chat(
-        self,
-        messages: list[dict[str, Any]],
-        sampling_params: SamplingParams | None = None,
-        reuse: str | ReuseOptions | dict[str, Any] | None = None,
-    ) -> RequestOutput:
-        """One chat turn: the chat template renders ``messages``; every message is a segment."""
-        ns = resolve_reuse(self.reuse, reuse, self.methods).namespace
-        parts = self.tokenizer.chat_parts(messages, namespace=ns)
-        ids, spans = self.tokenizer.encode_prompt(parts, source="chat")
-        req = self.add_tokenized(ids, sampling_params or SamplingParams(), spans, reuse=reuse)
-        return self.run_to_completion([req])[0]
-
-    def stream(self, req: Request) -> Iterator[str]:
-        """Drive the engine until ``req`` finishes, yielding its new text as it grows (the text that
-        can no longer change: stop-string holdback and half-decoded characters wait)."""
-        cursor = TextCursor(req.params.stop)
-        while not req.finished:
-            self.step()
-            if delta := cursor.advance(req.text, finished=req.finished):
-                yield delta
-        if delta := cursor.advance(req.text, finished=True):
-            yield delta
-        if (error := self.error_of(req)) is not None:
-            raise error
-
-    def next_token_logprobs(
-        self, prompt: Prompt, reuse: str | ReuseOptions | dict[str, Any] | None = None
-    ) -> np.ndarray:
-        """Log-probabilities over the vocabulary of the token after ``prompt`` (1-D float32)."""
-        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-        req = self.add_request(prompt, params, reuse=reuse, keep_first_logits=True)
-        out = self.run_to_completion([req])[0]
-        assert out.first_logprobs is not None
-        return out.first_logprobs
-
-    # ----- pinned segments ---------------------------------------------------------------------
-
-    def cache_segments(
-        self, docs: Sequence[str | list[int]], namespace: str = "", names: Sequence[str] | None = None
-    ) -> list[str]:
-        """Precompute and pin documents (a knowledge base); returns their segment ids.
-
-        Pinned segments survive LRU eviction until the pool passes its high-water mark. Each
-        document is a pin request (``add_pin``), prefilled in chunks like any other request.
-        """
-        reqs = [self.add_pin(d, namespace, names[i] if names else None) for i, d in enumerate(docs)]
-        self.run_to_completion(reqs)
-        return [str(r.pinned_segment_id) for r in reqs]
-
-    def add_pin(self, doc: str | list[int], namespace: str = "", name: str | None = None) -> Request:
-        """Queue the pinning of one document (computed alone, after BOS where the model uses one);
-        its ``pinned_segment_id`` is set when it finishes."""
-        # Control-token strings in a document are text (as in chat content), so the pinned tokens
-        # match the same document wherever a request carries it.
-        toks = self.tokenizer.encode(doc, special_tokens=False) if isinstance(doc, str) else [int(t) for t in doc]
-        if not toks:
-            raise ValueError("cannot pin an empty document")
-        ids = self.tokenizer.with_bos(toks)
-        if len(ids) > self.spec.max_position:
-            raise ValueError(f"document of {len(ids)} tokens exceeds the context of {self.spec.max_position}")
-        opts = ReuseOptions(method="none", namespace=namespace, register=False, auto_segments=False)
-        req = self.add_tokenized(ids, SamplingParams(max_tokens=1), reuse=opts)
-        req.pin = PinSpec(namespace, name, len(toks))
-        return req
-
-    def uncache_segments(self, segment_ids: Sequence[str]) -> int:
-        """Unpin segments (their KV stays cached until evicted); returns how many were found."""
-        found = [sid for sid in segment_ids if self.cache.segments.unpin(sid)]
-        if self.tiers is not None:
-            self.tiers.unpinned(found)
-        return len(found)
-
-    def list_segments(self, namespace: str | None = None) -> list[dict[str, Any]]:
-        """Pinned segments with their size and hit counts."""
-        return [
-            {"id": p.segment_id, "name": p.name, "namespace": p.namespace, "num_tokens": p.num_tokens,
-             "num_blocks": p.num_blocks, "num_hits": p.num_hits}
-            for p in self.cache.segments.list_pinned(namespace)
-        ]

@@ -24,7 +24,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("sparsex.kv_cache", "sparsex.model_runner", "sparsex.tokenizer", "sparsex.sampler",
      "sparsex.kvstore"),                                                     # storage, runner, I/O
     ("sparsex.reuse",),                                                      # load, plan, run, publish
-    ("sparsex.engine", "sparsex"),                                           # LLM, the public API
+    ("sparsex.engine", "sparsex.engine_outputs", "sparsex.engine_pins",
+     "sparsex"),                                                             # LLM, the public API
     ("sparsex.server",),                                                     # HTTP
     ("sparsex.lab", "sparsex.demo"),                                         # evaluation, demo
     ("sparsex.cli",),                                                        # the command line
