@@ -28,8 +28,10 @@ def documents(llm: Any, num_docs: int, doc_tokens: int, seed: int) -> list[str]:
     docs: list[str] = []
     for text in passages(doc_tokens * 4, doc_tokens * 8, seed):
         toks = llm.tokenizer.encode(text)
+        if len(toks) < doc_tokens:
+            continue
         doc = llm.tokenizer.decode(toks[:doc_tokens]).strip()
-        if len(toks) >= doc_tokens and doc not in docs:  # the corpus repeats a few paragraphs
+        if doc not in docs:  # the corpus repeats a few paragraphs
             docs.append(doc)
         if len(docs) == num_docs:
             return docs
@@ -54,16 +56,14 @@ def document_positions(llm: Any, prompt: str, cached: list[str]) -> set[int]:
     return {i + shift for i, (a, b) in enumerate(enc.offsets) if any(s <= a and b <= e for s, e in spans)}
 
 
-def found_document_tokens(llm: Any, prompt: str, doc_pos: set[int], ns: str) -> int:
-    """Of ``doc_pos``, the tokens whose KV came from the cache: ``naive`` recomputes exactly the
-    tokens it did not find, so these are the document positions it did not recompute."""
+def first_output(llm: Any, prompt: str, reuse: dict[str, Any]) -> Any:
+    """One untimed request that keeps its first-token data: the next-token log-probabilities and
+    the prompt positions the prefill recomputed (``naive`` recomputes exactly what it did not find)."""
     from sparsex import SamplingParams
 
     req = llm.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
-                          reuse={"method": "naive", "register": False, "namespace": ns}, keep_first_logits=True)
-    out = llm.run_to_completion([req])[0]
-    recomputed = {int(p) for p in out.recomputed_positions}
-    return len(doc_pos - recomputed)
+                          reuse=reuse, keep_first_logits=True)
+    return llm.run_to_completion([req])[0]
 
 
 def phases(docs: list[str], fresh: list[str]) -> dict[str, list[str]]:
@@ -91,7 +91,6 @@ def run_length(llm: Any, total: int, args: argparse.Namespace, methods: list[tup
     for phase, order in phases(docs, fresh).items():
         prompt = plain_prompt(order)
         doc_pos = document_positions(llm, prompt, [d for d in order if d in docs])
-        found_docs = found_document_tokens(llm, prompt, doc_pos, ns)
         times: dict[str, list[float]] = {label: [] for label, _ in methods}
         last: dict[str, Any] = {}
         for _ in range(args.repeats):
@@ -99,8 +98,10 @@ def run_length(llm: Any, total: int, args: argparse.Namespace, methods: list[tup
                 out = llm.generate(prompt, one, reuse={**opts, "register": False, "namespace": ns})[0]
                 times[label].append(out.metrics.ttft_s)
                 last[label] = out.metrics
-        lps = {label: llm.next_token_logprobs(prompt, reuse={**opts, "register": False, "namespace": ns})
-               for label, opts in methods}
+        firsts = {label: first_output(llm, prompt, {**opts, "register": False, "namespace": ns})
+                  for label, opts in methods}
+        lps = {label: out.first_logprobs for label, out in firsts.items()}
+        found_docs = len(doc_pos - {int(p) for p in firsts["naive"].recomputed_positions})
         conts = {label: llm.generate(prompt, greedy, reuse={**opts, "register": False, "namespace": ns})[0].token_ids
                  for label, opts in methods}
         ref, base = lps["none"], statistics.median(times["none"])
