@@ -296,7 +296,8 @@ class LLM(Outputs, PinnedSegments):
         m.num_segment_hit_tokens = res.num_segment_hit_tokens
         m.num_recomputed_tokens = int(res.recomputed.numel())
         m.compute_fraction = res.compute_fraction
-        m.reuse_overhead_s = task.adm.lookup_s + res.load_s
+        m.lookup_s, m.load_s = task.adm.lookup_s, res.load_s
+        m.reuse_overhead_s = m.lookup_s + m.load_s
         m.segment_sources = res.segment_sources
         m.segment_hit_tokens_by_source = res.hit_tokens_by_source
         m.num_reused_runs = len(task.adm.hits)

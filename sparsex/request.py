@@ -47,7 +47,11 @@ class RequestMetrics:
         (``explicit``, ``chat`` messages, ``pinned``; ``auto`` for plain text).
     num_reused_runs: cached token runs the prompt reused (each from one entry, at any offset).
     num_seam_lost_tokens: tokens of prompt segments found in part but not these (seams, edits).
-    reuse_overhead_s: seconds spent finding cached KV and loading/aligning it into the request.
+    reuse_overhead_s: seconds spent finding cached KV and loading/aligning it into the request
+        (``lookup_s + load_s``).
+    lookup_s: seconds of admission: cutting the prompt's text into chunks, the prefix and run
+        lookups, block allocation.
+    load_s: seconds spent copying the hits' KV into the request's blocks, keys realigned.
     reuse: the reuse method that served the request.
     """
 
@@ -64,6 +68,8 @@ class RequestMetrics:
     num_reused_runs: int = 0
     num_seam_lost_tokens: int = 0
     reuse_overhead_s: float = 0.0
+    lookup_s: float = 0.0
+    load_s: float = 0.0
     reuse: str = "none"
 
 

@@ -14,13 +14,11 @@ from sparsex.cache.block_pool import (
 )
 from sparsex.cache.chunking import ChunkingConfig, chunk_tokens
 from sparsex.cache.hashing import (
-    ROLLING_MODULUS,
     BlockHash,
     HashFn,
     default_hash_fn,
     hash_block,
     hash_chain,
-    rolling_hashes,
 )
 from sparsex.cache.prefix_cache import PrefixCache
 from sparsex.cache.run_matcher import RunMatcher
@@ -28,7 +26,6 @@ from sparsex.cache.segment_index import PinnedSegment, SegmentHit, SegmentIndex
 from sparsex.cache.token_runs import RunMatch, TokenRun, select_runs
 
 __all__ = [
-    "ROLLING_MODULUS",
     "BlockHash",
     "BlockInfo",
     "BlockPool",
@@ -49,6 +46,5 @@ __all__ = [
     "default_hash_fn",
     "hash_block",
     "hash_chain",
-    "rolling_hashes",
     "select_runs",
 ]

@@ -56,20 +56,21 @@ class ChunkingConfig:
 
     def chunk(self, token_ids: Sequence[int]) -> list[tuple[int, int]]:
         """Half-open ``(start, end)`` spans that tile ``token_ids`` in order."""
-        mask = self.mask
-        gears: dict[int, int] = {}
+        mask, window, min_len, max_len = self.mask, self.window, self.min_len, self.max_len
+        gears = _gear_pairs(window)
         rolling = 0
         spans: list[tuple[int, int]] = []
         start = 0
-        for i, token_id in enumerate(token_ids):
-            gear_in = gears.get(token_id)
-            if gear_in is None:
-                gear_in = gears[token_id] = _gear(token_id)
-            rolling = _rotl(rolling, 1) ^ gear_in
-            if i >= self.window:  # the token leaving the window was rotated `window` times since
-                rolling ^= _rotl(gears[token_ids[i - self.window]], self.window)
+        for i, token_id in enumerate(token_ids):  # the hot loop of admission: kept inline
+            pair = gears.get(token_id)
+            if pair is None:
+                gear = _gear(token_id)
+                pair = gears[token_id] = (gear, _rotl(gear, window))
+            rolling = (((rolling << 1) | (rolling >> 63)) & _MASK64) ^ pair[0]
+            if i >= window:  # the token leaving the window was rotated `window` times since
+                rolling ^= gears[token_ids[i - window]][1]
             length = i + 1 - start
-            if length >= self.max_len or (length >= self.min_len and rolling & mask == 0):
+            if length >= max_len or (length >= min_len and rolling & mask == 0):
                 spans.append((start, i + 1))
                 start = i + 1
         if start < len(token_ids):
@@ -84,6 +85,18 @@ def chunk_tokens(
 
     Every chunk is ``min_len..max_len`` tokens long, except the last, which may be shorter."""
     return ChunkingConfig(min_len=min_len, max_len=max_len, avg_len=avg_len, window=window).chunk(token_ids)
+
+
+_GEAR_CACHE: dict[int, dict[int, tuple[int, int]]] = {}
+_GEAR_CACHE_MAX = 1 << 18  # token ids per window length (a vocabulary or two), then start over
+
+
+def _gear_pairs(window: int) -> dict[int, tuple[int, int]]:
+    """Token id -> (its gear, its gear rotated ``window`` times), shared by calls (pure values)."""
+    pairs = _GEAR_CACHE.setdefault(window, {})
+    if len(pairs) > _GEAR_CACHE_MAX:
+        pairs.clear()
+    return pairs
 
 
 def _gear(token_id: int) -> int:

@@ -14,12 +14,11 @@ Every field is length-prefixed before hashing, so no two different inputs
 serialize to the same bytes (``("ab", "c")`` vs ``("a", "bc")``, parent vs no
 parent, ...).
 
-:func:`rolling_hashes` is the cheap, weak companion (rsync's rolling checksum): a polynomial hash of
-every window of a token list in O(1) per position, used to pick the few windows worth a BLAKE2b.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Callable, Sequence
@@ -49,13 +48,18 @@ def serialize_block(parent: BlockHash | None, token_ids: Sequence[int], salt: tu
     if token_ids and (min(token_ids) < 0 or max(token_ids) > _MAX_TOKEN_ID):
         bad = next(t for t in token_ids if not 0 <= t <= _MAX_TOKEN_ID)
         raise ValueError(f"token id {bad} out of range [0, 2**63)")
-    parts = [_VERSION_TAG]
-    parts.append(b"\x00" if parent is None else b"\x01" + _len_prefixed(parent))
-    parts.append(struct.pack(">I", len(salt)))
-    parts.extend(_len_prefixed(item.encode("utf-8")) for item in salt)
-    parts.append(struct.pack(">I", len(token_ids)))
-    parts.append(struct.pack(f">{len(token_ids)}q", *token_ids))
-    return b"".join(parts)
+    return b"".join((
+        _VERSION_TAG,
+        b"\x00" if parent is None else b"\x01" + _len_prefixed(parent),
+        _salt_bytes(salt),
+        struct.pack(f">I{len(token_ids)}q", len(token_ids), *token_ids),
+    ))
+
+
+@functools.lru_cache(maxsize=1024)
+def _salt_bytes(salt: tuple[str, ...]) -> bytes:
+    """The salt's encoding (a handful of distinct salts per process: model x namespace x domain)."""
+    return struct.pack(">I", len(salt)) + b"".join(_len_prefixed(item.encode("utf-8")) for item in salt)
 
 
 def hash_block(
@@ -84,30 +88,3 @@ def hash_chain(
         parent = hash_block(parent, token_ids[start : start + block_size], salt, hash_fn)
         hashes.append(parent)
     return hashes
-
-
-ROLLING_MODULUS = (1 << 61) - 1
-"""Mersenne prime modulus of :func:`rolling_hashes` (a 61-bit weak hash)."""
-_ROLLING_BASE = 0x5DEECE66D_1F3D5B79 % ROLLING_MODULUS
-
-
-def rolling_hashes(token_ids: Sequence[int], window: int) -> list[int]:
-    """Weak hash of every ``window``-token window: ``out[i]`` covers ``token_ids[i : i + window]``.
-
-    ``out[i] = sum(token_ids[i + k] * BASE ** (window - 1 - k)) mod (2**61 - 1)``, rolled in O(1)
-    per position, so equal windows always hash equal (anywhere, in any process); unequal windows
-    may collide, so a hit is only a candidate. Empty when the input is shorter than ``window``."""
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    if len(token_ids) < window:
-        return []
-    mod, base = ROLLING_MODULUS, _ROLLING_BASE
-    top = pow(base, window - 1, mod)  # weight of the token leaving the window
-    value = 0
-    for token_id in token_ids[:window]:
-        value = (value * base + token_id) % mod
-    out = [value]
-    for i in range(window, len(token_ids)):
-        value = ((value - token_ids[i - window] * top) * base + token_ids[i]) % mod
-        out.append(value)
-    return out

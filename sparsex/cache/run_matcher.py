@@ -3,8 +3,11 @@
 A segment entry's chain hash restarts at the entry's own start, so :meth:`SegmentIndex.match` only
 finds an entry from its first token. This index instead finds any run of at least ``min_run``
 prompt tokens equal to a contiguous run of a cached entry's tokens, whatever boundaries either was
-cut at (rsync's design: a weak rolling hash at every prompt position, a strong hash on its hits,
-token-by-token verification, then extension in both directions)::
+cut at (rsync's design: look every prompt window up in an index of the cached blocks' anchors,
+then extend each hit token by token in both directions). The index is a dict per namespace keyed
+by the anchor's own token ids: Python's tuple hash picks the bucket and tuple equality confirms
+it, so a hash collision is never a match, and the window lookups run in C (no rolling hash or
+digest in the scan)::
 
     B = 4, anchor length a = 2; entry E = e0..e9 in blocks 11, 4, 9 (computed at positions 6, 10, 14)
 
@@ -13,9 +16,9 @@ token-by-token verification, then extension in both directions)::
     anchors   [e0 e1][e2 e3][e4 e5][e6 e7][e8 e9]             at entry offsets 0, 2, 4, 6, 8
 
     prompt    x0 x1 x2 x3 x4 e3 e4 e5 e6 e7 e8 y0 ...
-    rolling      hashes of every a-token window; the window at 6 = [e4 e5] hits anchor (block 4,
-                 offset 0), is verified on token ids, extended left to e3 (block 11, offset 3)
-                 across the parent link and right to e8 (block 9) across the child link:
+    windows      every a-token window is looked up; the window at 6 = (e4, e5) is anchor (block 4,
+                 offset 0); it is extended left to e3 (block 11, offset 3) across the parent link
+                 and right to e8 (block 9) across the child link:
 
     TokenRun(prompt_start=5, num_tokens=6, block_ids=(11, 4, 9), first_offset=3, positions=(6, 10, 14))
     (the per-token arithmetic is drawn in token_runs.py)
@@ -37,11 +40,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from sparsex.cache.hashing import BlockHash, HashFn, default_hash_fn, hash_block, rolling_hashes
+from sparsex.cache.hashing import BlockHash
 from sparsex.cache.token_runs import TokenRun, select_runs
-
-CONTENT_DOMAIN = "segment-content"
-"""Domain tag of anchor content hashes (distinct from the chain hashes' ``"segment"``)."""
 
 WORK_PER_TOKEN = 4
 """Lookup work allowed per prompt token before the search stops being exhaustive (see find): a
@@ -52,6 +52,7 @@ _WORK_FLOOR = 4096
 _EXTEND_COST = 8  # work units of one extension besides its tokens (its fixed overhead)
 
 _Item = TypeVar("_Item")
+_Key = TypeVar("_Key")
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,8 @@ class _Node:
     tokens: tuple[int, ...]
     position: int
     namespace: str
-    anchors: tuple[tuple[BlockHash, int, int], ...]
-    """``(content hash, rolling hash, offset in block)`` of each anchor, to undo the index."""
+    anchors: tuple[tuple[tuple[int, ...], int], ...]
+    """``(token ids, offset in block)`` of each anchor, to undo the index."""
 
 
 class RunMatcher:
@@ -75,17 +76,15 @@ class RunMatcher:
     - A block is indexed iff it is published in the pool as a segment block (the owner adds it
       after :meth:`BlockPool.register` and the pool's evict hook drops it), so every indexed block
       holds exactly ``tokens``; nothing here takes a pool reference.
-    - Anchor content hashes are salted with ``(model_id, namespace, "segment-content")``, and a
-      candidate is verified on token ids and namespace: a hash collision never makes a run, and a
-      run never leaves its namespace (parents and children are checked too).
+    - Anchors are keyed by their token ids in one dict per namespace: a hit is equal content by
+      dict equality (a hash collision never makes a run), and a run never leaves its namespace
+      (parents and children are checked too).
     - Every block but an entry's last is full, so run arithmetic is ``k // B`` and ``k % B``.
     - Within the work budget (see :meth:`_candidates`) results depend only on the indexed content
       and block ids, never on dict or scan order.
     """
 
-    def __init__(
-        self, block_size: int, model_id: str, hash_fn: HashFn = default_hash_fn, anchor_len: int | None = None
-    ) -> None:
+    def __init__(self, block_size: int, anchor_len: int | None = None) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if anchor_len is None:  # the largest divisor of B with 2a - 1 <= B: every B-token run is found
@@ -96,13 +95,11 @@ class RunMatcher:
             raise ValueError(f"anchor_len must divide block_size {block_size}, got {anchor_len}")
         self._block_size = block_size
         self._anchor_len = anchor_len
-        self._model_id = model_id
-        self._hash_fn = hash_fn
         self._nodes: dict[int, _Node] = {}
         self._by_chain: dict[BlockHash, int] = {}
         self._children: dict[BlockHash, dict[int, None]] = {}  # parent chain hash -> child ids
-        self._anchors: dict[BlockHash, dict[tuple[int, int], None]] = {}  # -> (block id, offset)
-        self._weak: dict[str, dict[int, int]] = {}  # namespace -> rolling hash -> number of anchors
+        # namespace -> anchor token ids -> (block id, offset) in registration order
+        self._anchors: dict[str, dict[tuple[int, ...], dict[tuple[int, int], None]]] = {}
 
     @property
     def block_size(self) -> int:
@@ -149,25 +146,15 @@ class RunMatcher:
             raise ValueError(f"a block holds 1..{self._block_size} tokens, got {len(tokens)}")
         a = self._anchor_len
         token_tuple = tuple(tokens)
-        salt = self._salt(namespace)
-        anchors = tuple(
-            (
-                hash_block(None, token_tuple[o : o + a], salt, self._hash_fn),
-                rolling_hashes(token_tuple[o : o + a], a)[0],
-                o,
-            )
-            for o in range(0, len(token_tuple) - a + 1, a)
-        )
+        anchors = tuple((token_tuple[o : o + a], o) for o in range(0, len(token_tuple) - a + 1, a))
         self._nodes[block_id] = _Node(
             block_id, chain_hash, parent_hash, token_tuple, position, namespace, anchors
         )
         self._by_chain[chain_hash] = block_id
         if parent_hash is not None:
             self._children.setdefault(parent_hash, {})[block_id] = None
-        for strong, rolling, offset in anchors:  # a tail shorter than an anchor has none
-            self._anchors.setdefault(strong, {})[(block_id, offset)] = None
-            weak = self._weak.setdefault(namespace, {})
-            weak[rolling] = weak.get(rolling, 0) + 1
+        for window, offset in anchors:  # a tail shorter than an anchor has none
+            self._anchors.setdefault(namespace, {}).setdefault(window, {})[(block_id, offset)] = None
 
     def drop_block(self, block_id: int) -> None:
         """Forget a block (the pool's evict hook); unknown ids (prefix blocks, ...) are ignored."""
@@ -177,14 +164,12 @@ class RunMatcher:
         del self._by_chain[node.chain_hash]
         if node.parent_hash is not None:
             _discard(self._children, node.parent_hash, block_id)
-        for strong, rolling, offset in node.anchors:
-            _discard(self._anchors, strong, (block_id, offset))
-            weak = self._weak[node.namespace]  # present: it counts this anchor
-            weak[rolling] -= 1
-            if weak[rolling] == 0:
-                del weak[rolling]
-            if not weak:
-                del self._weak[node.namespace]
+        if node.anchors:  # a short tail has none
+            by_window = self._anchors[node.namespace]  # present: it holds this block's anchors
+            for window, offset in node.anchors:
+                _discard(by_window, window, (block_id, offset))
+            if not by_window:
+                del self._anchors[node.namespace]
 
     # ----- lookup ------------------------------------------------------------------------------
 
@@ -201,15 +186,13 @@ class RunMatcher:
                 f"min_run must be >= {self.min_findable_run} (anchor length {self._anchor_len}), got {min_run}"
             )
         tokens = tuple(token_ids)
-        weak = self._weak.get(namespace)
-        if weak is None or len(tokens) < min_run:
+        by_window = self._anchors.get(namespace)
+        if by_window is None or len(tokens) < min_run:
             return ()
-        return tuple(
-            select_runs(self._candidates(tokens, namespace, weak, min_run), min_run, self._block_size)
-        )
+        return tuple(select_runs(self._candidates(tokens, by_window, min_run), min_run, self._block_size))
 
     def _candidates(
-        self, tokens: tuple[int, ...], namespace: str, weak: dict[int, int], min_run: int
+        self, tokens: tuple[int, ...], by_window: dict[tuple[int, ...], dict[tuple[int, int], None]], min_run: int
     ) -> list[TokenRun]:
         """The maximal run through every verified anchor hit, each diagonal extended once.
 
@@ -218,30 +201,26 @@ class RunMatcher:
         (one token repeated, boilerplate), hits inside a run of ``min_run`` tokens already found
         are skipped and a window's anchors are examined ``ANCHORS_PAST_BUDGET`` at most (in
         registration order): runs stay verified and disjoint, but some alternatives are missed."""
-        a, salt = self._anchor_len, self._salt(namespace)
+        a = self._anchor_len
         budget = WORK_PER_TOKEN * len(tokens) + _WORK_FLOOR
         work, reach = 0, 0  # every run kept so far starts at or before i and ends at or before reach
         found: list[TokenRun] = []
         passed: set[tuple[int, int, int]] = set()  # (prompt position, block id, offset) already in a run
         passed_at: dict[int, int] = {}  # prompt position -> how many of those it has
-        for i, rolling in enumerate(rolling_hashes(tokens, a)):
-            count = weak.get(rolling, 0)
-            if not count or (work > budget and i + a <= reach):  # mostly: no strong hash
+        # Every a-token window of the prompt, looked up in C (zip builds the tuples).
+        hits = map(by_window.get, zip(*(tokens[k:] for k in range(a)), strict=False))
+        for i, anchors in enumerate(hits):
+            if anchors is None or (work > budget and i + a <= reach):
                 continue
-            if passed_at.get(i, 0) >= count:  # every anchor with this weak hash already lies in a run
+            if passed_at.get(i, 0) >= len(anchors):  # every anchor of this window already lies in a run
                 continue
-            window = tokens[i : i + a]
-            anchors = self._anchors.get(hash_block(None, window, salt, self._hash_fn), {})
             for examined, (block_id, offset) in enumerate(anchors):
                 if work > budget and (i + a <= reach or examined >= ANCHORS_PAST_BUDGET):
                     break
                 work += 1
-                node = self._nodes[block_id]
-                if (i, block_id, offset) in passed or node.namespace != namespace:
+                if (i, block_id, offset) in passed:
                     continue
-                if node.tokens[offset : offset + a] != window:  # a hash collision: never a match
-                    continue
-                run = self._extend(tokens, i, node, offset)
+                run = self._extend(tokens, i, self._nodes[block_id], offset)
                 work += _EXTEND_COST + run.num_tokens
                 self._mark_anchors(run, passed, passed_at)
                 if run.num_tokens >= min_run:
@@ -299,9 +278,8 @@ class RunMatcher:
 
     def _mark_anchors(self, run: TokenRun, passed: set[tuple[int, int, int]], passed_at: dict[int, int]) -> None:
         """Record every anchor the run passes through: a hit there would extend to this same run.
-        ``passed_at`` counts them per prompt position, so a position whose every weak-hash match is
-        already passed skips the strong hash (exact: an anchor with the same weak hash but other
-        content is not passed, so the count falls short and the position is examined)."""
+        ``passed_at`` counts them per prompt position, so a position whose every anchor is already
+        passed is skipped without looking at them."""
         a, block_size = self._anchor_len, self._block_size
         for index, block_id in enumerate(run.block_ids):
             block_start = run.prompt_start + index * block_size - run.first_offset  # prompt pos of slot 0
@@ -310,9 +288,6 @@ class RunMatcher:
                 if run.prompt_start <= at and at + a <= run.prompt_end and (at, block_id, offset) not in passed:
                     passed.add((at, block_id, offset))
                     passed_at[at] = passed_at.get(at, 0) + 1
-
-    def _salt(self, namespace: str) -> tuple[str, ...]:
-        return (self._model_id, namespace, CONTENT_DOMAIN)
 
 
 def _common_prefix(a: tuple[int, ...], a_start: int, b: tuple[int, ...], b_start: int) -> int:
@@ -337,7 +312,7 @@ def _common_suffix(a: tuple[int, ...], a_end: int, b: tuple[int, ...], b_end: in
     return k
 
 
-def _discard(index: dict[BlockHash, dict[_Item, None]], key: BlockHash, item: _Item) -> None:
+def _discard(index: dict[_Key, dict[_Item, None]], key: _Key, item: _Item) -> None:
     """Remove ``item`` from the ordered set ``index[key]``, and the set once it is empty."""
     members = index[key]
     del members[item]

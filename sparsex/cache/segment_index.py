@@ -116,7 +116,7 @@ class SegmentIndex:
         self._pinned: dict[str, _PinnedRecord] = {}
         # Pinned segment ids holding each pinned block (dicts as ordered sets).
         self._segments_of_block: dict[int, dict[str, None]] = {}
-        self._runs = RunMatcher(pool.block_size, model_id, hash_fn)
+        self._runs = RunMatcher(pool.block_size)
         pool.set_pressure_hook(self._on_pressure)
         pool.set_evict_hook(self._runs.drop_block)
 

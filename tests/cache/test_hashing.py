@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsex.cache import ROLLING_MODULUS, default_hash_fn, hash_block, hash_chain, rolling_hashes
+from sparsex.cache import default_hash_fn, hash_block, hash_chain
 
 SALT = ("model", "ns", "segment")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -73,19 +73,3 @@ def test_hashes_are_identical_across_processes() -> None:
     outputs = {run_python(code, hash_seed) for hash_seed in ("1", "2")}
     assert outputs == {str([h.hex() for h in hash_chain(list(range(9)), 4, ("m", "n", "d"))]) + "\n"}
     assert default_hash_fn(b"") == default_hash_fn(b"")
-
-
-def test_rolling_hashes_equal_the_direct_polynomial_and_see_only_the_window() -> None:
-    base = rolling_hashes([1, 0], 2)[0]  # the window [1, 0] hashes to BASE
-    tokens = [5, 9, 2**62, 0, 5, 9, 2**62, 7]
-    direct = [
-        (t0 * base**2 + t1 * base + t2) % ROLLING_MODULUS
-        for t0, t1, t2 in zip(tokens, tokens[1:], tokens[2:], strict=False)
-    ]
-    assert rolling_hashes(tokens, 3) == direct
-    assert rolling_hashes(tokens, 3)[0] == rolling_hashes(tokens, 3)[4]  # equal windows, equal hashes
-    assert rolling_hashes([3, 1, 4], 1) == [3, 1, 4]
-    assert rolling_hashes([1, 2], 3) == []
-    assert rolling_hashes([7], 1) == rolling_hashes([7 + ROLLING_MODULUS], 1)  # a weak hash: collisions
-    with pytest.raises(ValueError, match="window"):
-        rolling_hashes([1], 0)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from sparsex.cache import (
-    ROLLING_MODULUS,
     BlockHash,
     BlockPool,
     HashFn,
@@ -145,20 +146,21 @@ def test_shared_leading_blocks_extend_down_the_child_that_matches() -> None:
     assert runs(index, [9, 3, 4, 10, 11, 12, 9]) == [(1, 5, (0, 1), 2, (0, 4))]
 
 
-def test_injected_content_hash_collision_never_serves_wrong_blocks() -> None:
-    def collide_content(data: bytes) -> bytes:  # every anchor gets one key; chain hashes stay sound
-        return b"x" if b"segment-content" in data else default_hash_fn(data)
-
-    index = make(hash_fn=collide_content)
+def test_colliding_window_hashes_never_serve_wrong_blocks() -> None:
+    # Anchors are dict keys of their token ids: Python hashes t and t + modulus equally (and so
+    # their tuples), so here every evil window lands in the bucket of a cached one; only the
+    # key's equality check stands between them and a wrong match.
+    modulus = sys.hash_info.modulus
+    evil = [t + modulus for t in ENTRY]
+    assert all(hash(tuple(evil[i : i + 2])) == hash(tuple(ENTRY[i : i + 2])) for i in range(len(ENTRY) - 1))
+    index = make()
     store(index, ENTRY, start_pos=0)
     store(index, list(range(200, 210)), start_pos=10)
     assert runs(index, filler(3) + ENTRY[2:]) == [(3, 8, (0, 1, 2), 2, (0, 4, 8))]
     assert runs(index, list(range(300, 320))) == []
-    # Token t and t + ROLLING_MODULUS have the same rolling hash and (here) the same content hash:
-    # only the token-id check stands between them and a wrong match.
-    evil = [t + ROLLING_MODULUS for t in ENTRY]
     assert runs(index, evil) == []
     assert runs(index, ENTRY[:5] + evil[5:]) == [(0, 5, (0, 1), 0, (0, 4))]
+    assert runs(index, evil[:5] + ENTRY[5:]) == [(5, 5, (1, 2), 1, (4, 8))]
 
 
 def test_colliding_chain_hashes_leave_blocks_unindexed() -> None:
@@ -248,15 +250,15 @@ def test_min_run_is_configurable_down_to_what_the_anchors_guarantee() -> None:
 
 
 def test_anchor_length_defaults_to_the_largest_divisor_that_finds_every_block_run() -> None:
-    lengths = {b: RunMatcher(b, "m").anchor_len for b in (1, 2, 3, 4, 6, 8, 16)}
+    lengths = {b: RunMatcher(b).anchor_len for b in (1, 2, 3, 4, 6, 8, 16)}
     assert lengths == {1: 1, 2: 1, 3: 1, 4: 2, 6: 3, 8: 4, 16: 8}
-    assert RunMatcher(16, "m").min_findable_run == 15
+    assert RunMatcher(16).min_findable_run == 15
     with pytest.raises(ValueError, match="divide"):
-        RunMatcher(16, "m", anchor_len=5)
+        RunMatcher(16, anchor_len=5)
 
 
 def test_add_block_is_idempotent_and_checked() -> None:
-    matcher = RunMatcher(B, "m")
+    matcher = RunMatcher(B)
     chain = BlockHash(default_hash_fn(b"c0"))
     matcher.add_block(7, chain, None, (1, 2, 3, 4), 0, "")
     matcher.add_block(7, chain, None, (1, 2, 3, 4), 0, "")

@@ -26,6 +26,11 @@ def test_plain_bench_finds_reordered_documents(tiny_model_dir: Any, tmp_path: An
     assert rows[("half replaced", "naive")]["doc_tokens"] < rows[("reordered", "naive")]["doc_tokens"]
     assert rows[("half replaced", "naive")]["found_share"] >= 0.9
     assert all(0 <= r["match4"] <= 4 and r["kl"] >= 0 for r in rows.values())
+    # lookup and load are split out and add up to the overhead
+    naive = rows[("reordered", "naive")]
+    assert naive["load_s"] > 0 and naive["lookup_s"] > 0
+    assert abs(naive["overhead_s"] - (naive["lookup_s"] + naive["load_s"])) < 1e-9  # one repeat: same sample
+    assert 0 < naive["overhead_share"] < 1
 
 
 def test_bench_documents_are_distinct() -> None:

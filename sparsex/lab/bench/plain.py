@@ -92,11 +92,15 @@ def run_length(llm: Any, total: int, args: argparse.Namespace, methods: list[tup
         prompt = plain_prompt(order)
         doc_pos = document_positions(llm, prompt, [d for d in order if d in docs])
         times: dict[str, list[float]] = {label: [] for label, _ in methods}
+        lookups: dict[str, list[float]] = {label: [] for label, _ in methods}
+        loads: dict[str, list[float]] = {label: [] for label, _ in methods}
         last: dict[str, Any] = {}
         for _ in range(args.repeats):
             for label, opts in methods:  # interleaved so drift hits every method alike
                 out = llm.generate(prompt, one, reuse={**opts, "register": False, "namespace": ns})[0]
                 times[label].append(out.metrics.ttft_s)
+                lookups[label].append(out.metrics.lookup_s)
+                loads[label].append(out.metrics.load_s)
                 last[label] = out.metrics
         firsts = {label: first_output(llm, prompt, {**opts, "register": False, "namespace": ns})
                   for label, opts in methods}
@@ -119,7 +123,11 @@ def run_length(llm: Any, total: int, args: argparse.Namespace, methods: list[tup
                 "found_share": 0.0 if label == "none" else found_docs / max(1, len(doc_pos)),
                 "hit_tokens": m.num_segment_hit_tokens + m.num_prefix_hit_tokens,
                 "runs": m.num_reused_runs, "seam_lost": m.num_seam_lost_tokens,
-                "ttft_s": t, "speedup": base / t, "cost": m.compute_fraction, "overhead_s": m.reuse_overhead_s,
+                "ttft_s": t, "speedup": base / t, "cost": m.compute_fraction,
+                "lookup_s": statistics.median(lookups[label]), "load_s": statistics.median(loads[label]),
+                "overhead_s": statistics.median(a + b for a, b in zip(lookups[label], loads[label], strict=True)),
+                "overhead_share": statistics.median(
+                    (a + b) / tt for a, b, tt in zip(lookups[label], loads[label], times[label], strict=True)),
                 "kl": kls[label], "gap_closed": (1.0 - kls[label] / kls["naive"]) if kls.get("naive") else None,
                 "top1": bool(lps[label].argmax() == ref.argmax()), f"match{args.match}": match,
             })
@@ -148,10 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         rows += length_rows
         print(f"\nplain-string RAG, {args.docs} documents, {total} document tokens, median of {args.repeats}")
         print_table(
-            ["phase", "method", "tokens", "found", "runs", "seam lost", "TTFT s", "speedup", "cost", "KL",
-             "gap closed", "top1", f"match/{args.match}"],
+            ["phase", "method", "tokens", "found", "runs", "seam lost", "TTFT s", "speedup", "lookup ms", "load ms",
+             "of TTFT", "cost", "KL", "gap closed", "top1", f"match/{args.match}"],
             [[r["phase"], r["method"], r["prompt_tokens"], f"{100 * r['found_share']:.1f}%", r["runs"], r["seam_lost"],
-              r["ttft_s"], f"{r['speedup']:.1f}x", r["cost"], f"{r['kl']:.4f}",
+              r["ttft_s"], f"{r['speedup']:.1f}x", f"{1000 * r['lookup_s']:.1f}", f"{1000 * r['load_s']:.1f}",
+              f"{100 * r['overhead_share']:.1f}%", r["cost"], f"{r['kl']:.4f}",
               "-" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f}%", "yes" if r["top1"] else "no",
               r[f"match{args.match}"]] for r in length_rows],
         )
