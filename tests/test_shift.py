@@ -85,3 +85,25 @@ def test_shift_weight_defaults_per_family_and_validates() -> None:
     assert shift_weight(ReuseOptions(shift=0.8), "gemma3") == 0.8
     with pytest.raises(ValueError, match="shift"):
         ReuseOptions(shift=1.5)
+
+
+def test_narrow_layer_defaults_per_family_and_validates() -> None:
+    from sparsex.reuse.options import ReuseOptions, narrow_layer
+
+    assert narrow_layer(ReuseOptions(), "llama") == 2  # chosen on the tune split (issue #16)
+    assert narrow_layer(ReuseOptions(), "gemma3") == 3  # not re-measured
+    assert narrow_layer(ReuseOptions(narrow_layer=0), "llama") == 0  # one stage
+    assert narrow_layer(ReuseOptions(narrow_layer=5), "gemma3") == 5
+    with pytest.raises(ValueError, match="narrow_layer"):
+        ReuseOptions(narrow_layer=-1)
+
+
+def test_budget_defaults_per_family_and_validates() -> None:
+    from sparsex.reuse.options import ReuseOptions, budget_fraction
+
+    assert budget_fraction(ReuseOptions(), "llama") == 0.1  # chosen on the tune split (issue #16)
+    assert budget_fraction(ReuseOptions(), "gemma3") == 0.15  # not re-measured
+    assert budget_fraction(ReuseOptions(budget=0.3), "gemma3") == 0.3
+    assert budget_fraction(ReuseOptions(budget=0.0), "llama") == 0.0
+    with pytest.raises(ValueError, match="budget"):
+        ReuseOptions(budget=1.5)

@@ -26,7 +26,8 @@ class ReuseOptions:
         sparsex: the paper's Sparse-Q selection at ``boundary`` (hybrid) or layer 0.
         blend: our default, see docs/REUSE.md.
         Any other name must be a method the engine was given (``LLM(planners=...)``).
-    budget: fraction of reused tokens to recompute (the top-k size), in [0, 1].
+    budget: fraction of reused tokens to recompute (the top-k size), in [0, 1]. None = the family
+        default (Llama 0.1, Gemma 3 0.15), see docs/REUSE.md.
     boundary: ℓ* as a layer index (int) or a fraction of depth (float in [0, 1)); None = family default.
     hybrid: sparsex only: layers 0..ℓ* dense (True) or select at layer 0 (False).
     overflow_blocks: KV blocks added on each side of every non-reused run (sparsex, blend).
@@ -45,7 +46,7 @@ class ReuseOptions:
         ``check_layer`` picks ``candidates`` x the budget by K+V deviation, layers
         ``check_layer..narrow_layer`` run for those candidates only, and K+V deviation plus the
         Sparse-Q mass at ``narrow_layer`` keeps the budget's top tokens (KV of the dropped
-        candidates is put back).
+        candidates is put back). None = the family default (Llama 2, Gemma 3 3), see docs/REUSE.md.
     candidates: blend with ``narrow_layer``: size of the first stage, as a multiple of the budget.
     shift: blend: weight of the segment shift (0 = off): in every layer after the final selection,
         the mean difference between fresh and cached K/V over a segment's recomputed tokens, times
@@ -62,7 +63,7 @@ class ReuseOptions:
     """
 
     method: str = "blend"
-    budget: float = 0.15
+    budget: float | None = None
     boundary: int | float | None = None
     hybrid: bool = True
     overflow_blocks: int = 1
@@ -72,7 +73,7 @@ class ReuseOptions:
     check_layer: int = 1
     filter_layers: int = 3
     filter_start: float = 1.5
-    narrow_layer: int = 3
+    narrow_layer: int | None = None
     candidates: float = 3.0
     shift: float | None = None
     namespace: str = ""
@@ -83,7 +84,7 @@ class ReuseOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or not self.method:
             raise ValueError(f"reuse method must be a method name, got {self.method!r}")
-        if not 0.0 <= self.budget <= 1.0:
+        if self.budget is not None and not 0.0 <= self.budget <= 1.0:
             raise ValueError(f"budget must be in [0, 1], got {self.budget}")
         if isinstance(self.boundary, float) and not 0.0 <= self.boundary < 1.0:
             raise ValueError(f"a fractional boundary must be in [0, 1), got {self.boundary}")
@@ -96,7 +97,7 @@ class ReuseOptions:
         if self.candidates < 1.0:
             raise ValueError(f"candidates must be >= 1 (a multiple of the budget), got {self.candidates}")
         for name in ("overflow_blocks", "tail_tokens", "epic_tokens", "check_layer", "narrow_layer", "filter_layers"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"{name} must be >= 0")
 
     def with_updates(self, **kw: Any) -> ReuseOptions:
@@ -118,6 +119,27 @@ DEFAULT_BOUNDARY = {"llama": 0.17, "gemma3": 0.17}
 
 # blend's segment-shift weight per family, chosen from the sweeps in docs/BENCHMARKS.md.
 DEFAULT_SHIFT = {"llama": 0.5, "gemma3": 0.3}
+
+
+# The recompute budget per family: Llama 0.1 from the tune-split sweep with the 16-token metric
+# (with narrowing at layer 2 it keeps >= 80% of RAG's gap at <= 0.3 cost everywhere); Gemma 3 keeps
+# the earlier 0.15 (not re-measured).
+DEFAULT_BUDGET = {"llama": 0.1, "gemma3": 0.15}
+
+
+def budget_fraction(opts: ReuseOptions, family: str) -> float:
+    """The recompute budget for ``family``: a fraction of the reused tokens."""
+    return float(opts.budget if opts.budget is not None else DEFAULT_BUDGET.get(family, 0.15))
+
+
+# blend's narrowing layer per family: Llama 2 from the tune-split sweep with the 16-token metric
+# (docs/BENCHMARKS.md, issue #16); Gemma 3 keeps the earlier 3 (not re-measured).
+DEFAULT_NARROW = {"llama": 2, "gemma3": 3}
+
+
+def narrow_layer(opts: ReuseOptions, family: str) -> int:
+    """blend's narrowing layer for ``family`` (0 = one selection stage)."""
+    return int(opts.narrow_layer if opts.narrow_layer is not None else DEFAULT_NARROW.get(family, 3))
 
 
 def shift_weight(opts: ReuseOptions, family: str) -> float:

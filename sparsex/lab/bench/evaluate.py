@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-docs", type=int, default=None, help="documents per item (default 6; lookup/combine: 4)")
     ap.add_argument("--methods", default=DEFAULT_METHODS,
                     help="comma-separated; options after ':' joined by '+', e.g. sparsex:hybrid=false+boundary=8")
-    ap.add_argument("--budgets", default="0.15", help="comma-separated budgets (fraction of reused tokens)")
+    ap.add_argument("--budgets", default="default",
+                    help="comma-separated budgets (fraction of reused tokens); default: the model family's")
     ap.add_argument("--continuation", type=int, default=32, help="greedy tokens compared (match length)")
     ap.add_argument("--forced", type=int, default=16, help="positions compared under teacher forcing")
     ap.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples per cell")
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     from sparsex.lab.workloads import DEFAULT_SIZES, make_workload
 
     llm = LLM(model=args.model, planners=LAB_PLANNERS, max_prefill_tokens=None)  # exact, unchunked reference
-    methods = _methods(args.methods, [float(b) for b in args.budgets.split(",")], parse_method)
+    budgets = [None if b.strip() == "default" else float(b) for b in args.budgets.split(",")]
+    methods = _methods(args.methods, budgets, parse_method)
     results = []
     t0 = time.perf_counter()
     for kind in args.workloads.split(","):
@@ -77,13 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _methods(text: str, budgets: list[float], parse: Any) -> list[Any]:
-    """Method specs for every method and budget (naive once: it has no budget)."""
+def _methods(text: str, budgets: list[float | None], parse: Any) -> list[Any]:
+    """Method specs for every method and budget (naive once: it has no budget; None: the family's)."""
     methods: list[Any] = []
     for b in budgets:
         for name in text.split(","):
             spec = parse(name.replace("+", ","), budget=b)
-            label = name if len(budgets) == 1 or spec.reuse["method"] == "naive" else f"{name}@{b:g}"
+            tag = "default" if b is None else f"{b:g}"
+            label = name if len(budgets) == 1 or spec.reuse["method"] == "naive" else f"{name}@{tag}"
             if not any(m.label == label for m in methods):
                 methods.append(type(spec)(label, spec.options))
     return methods

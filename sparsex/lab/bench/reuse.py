@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--doc-tokens", type=int, default=512)
     ap.add_argument("--lengths", default="", help="also sweep total doc tokens, e.g. 1024,2048,4096 (plot)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--budget", type=float, default=0.15)
+    ap.add_argument("--budget", type=float, default=None, help="recompute budget (default: the model family's)")
     ap.add_argument("--methods", default="", help="comma-separated subset of the rows (default: all), e.g. none,naive")
     ap.add_argument("--kv-dtype", default="float32", help="KV storage dtype (float32, bfloat16, float16)")
     ap.add_argument("--out", default="out/bench_reuse.json")
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             parts = load_breakdown(llm, prompt, f"bench-{total}", args.repeats)
             breakdown = {**parts, "naive_ttft_s": statistics.median(times["naive"])} if "naive" in times else parts
         print(f"\nRAG prompt: {rows[0]['prompt_tokens']} tokens, {args.docs} cached documents, "
-              f"budget {args.budget}, median of {args.repeats}")
+              f"budget {'default' if args.budget is None else args.budget}, median of {args.repeats}")
         print_table(
             ["method", "TTFT s", "speedup", "cost", "reused", "recomputed", "lookup+align s", "share", "KL",
              "gap closed", "top1"],
