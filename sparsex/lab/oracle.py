@@ -18,8 +18,8 @@ import torch
 
 from sparsex.model_runner import SeqInput
 from sparsex.reuse.executor import RecomputePlan
-from sparsex.reuse.options import ReuseOptions, budget_fraction, shift_weight
-from sparsex.reuse.planner import PlanContext, Planner, ReuseSituation, recompute_extras
+from sparsex.reuse.options import ReuseOptions, shift_weight
+from sparsex.reuse.planner import PlanContext, Planner, ReuseSituation, budget_tokens, recompute_extras
 from sparsex.reuse.selectors import top_k_reused, union
 from sparsex.reuse.shift import segment_shift
 
@@ -44,7 +44,7 @@ def true_kv_error(ctx: PlanContext, seq: SeqInput, reused: torch.Tensor) -> torc
 
 def _oracle_top_k(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> torch.Tensor:
     error = true_kv_error(ctx, sit.seq, sit.reused)
-    return top_k_reused(error, sit.reused, int(round(budget_fraction(opts, ctx.spec.family) * sit.num_reused)))
+    return top_k_reused(error, sit.reused, budget_tokens(opts, sit, ctx))
 
 
 def plan_oracle(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:

@@ -96,7 +96,8 @@ def plan_prefill(
     return (PLANNERS if planners is None else planners)[opts.method](opts, sit, ctx)
 
 
-def _budget(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> int:
+def budget_tokens(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> int:
+    """The top-k size: the family's (or the request's) budget times the reused tokens."""
     return int(round(budget_fraction(opts, ctx.spec.family) * sit.num_reused))
 
 
@@ -111,7 +112,7 @@ def plan_epic(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> Reco
 def plan_cacheblend_simple(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
     """Simplified CacheBlend: dense through the check layer, then the top reused tokens by K
     deviation there, in one step (no gradual filtering)."""
-    check, k = min(opts.check_layer, ctx.spec.num_layers - 1), _budget(opts, sit, ctx)
+    check, k = min(opts.check_layer, ctx.spec.num_layers - 1), budget_tokens(opts, sit, ctx)
 
     def select(inp: SelectionInputs) -> torch.Tensor:
         return union(sit.i_nr, top_k_reused(kv_deviation_scores(inp.k_fresh, inp.k_cached), sit.reused, k))
@@ -124,7 +125,7 @@ def plan_cacheblend(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -
     ``filter_start`` x budget reused tokens by K deviation are kept; each of the next
     ``filter_layers`` layers runs for the kept set and keeps the top of *that* set by its own K
     deviation, shrinking linearly to the budget. Their fresh KV stays written (no restore)."""
-    layers, k = ctx.spec.num_layers, _budget(opts, sit, ctx)
+    layers, k = ctx.spec.num_layers, budget_tokens(opts, sit, ctx)
     check = min(opts.check_layer, layers - 1)
     steps = max(0, min(opts.filter_layers, layers - 2 - check))  # the final set runs at least one layer
     sizes = filter_schedule(k, sit.num_reused, opts.filter_start, steps)
@@ -163,7 +164,7 @@ def _query_mass(sit: ReuseSituation, ctx: PlanContext, inp: SelectionInputs) -> 
 
 def plan_sparsex(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
     """The paper's method: Sparse-Q at ℓ* (hybrid: layers 0..ℓ* dense) or at layer 0."""
-    extras, k = recompute_extras(opts, sit, ctx), _budget(opts, sit, ctx)
+    extras, k = recompute_extras(opts, sit, ctx), budget_tokens(opts, sit, ctx)
 
     def select(inp: SelectionInputs) -> torch.Tensor:
         return union(sit.i_nr, top_k_reused(_query_mass(sit, ctx, inp), sit.reused, k), extras)
@@ -181,7 +182,7 @@ def plan_blend(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> Rec
     check = max(1, min(opts.check_layer, layers - 1))
     narrow_at = min(narrow_layer(opts, ctx.spec.family), layers - 1)
     narrow = narrow_at > check
-    extras, k = recompute_extras(opts, sit, ctx), _budget(opts, sit, ctx)
+    extras, k = recompute_extras(opts, sit, ctx), budget_tokens(opts, sit, ctx)
     first_k = min(sit.num_reused, int(round(opts.candidates * k))) if narrow else k
 
     def select(inp: SelectionInputs) -> torch.Tensor:
