@@ -297,7 +297,6 @@ class LLM(Outputs, PinnedSegments):
         m.num_recomputed_tokens = int(res.recomputed.numel())
         m.compute_fraction = res.compute_fraction
         m.lookup_s, m.load_s = task.adm.lookup_s, res.load_s
-        m.reuse_overhead_s = m.lookup_s + m.load_s
         m.segment_sources = res.segment_sources
         m.segment_hit_tokens_by_source = res.hit_tokens_by_source
         m.num_reused_runs = len(task.adm.hits)

@@ -67,10 +67,13 @@ class RequestMetrics:
     segment_hit_tokens_by_source: dict[str, int] = field(default_factory=dict)
     num_reused_runs: int = 0
     num_seam_lost_tokens: int = 0
-    reuse_overhead_s: float = 0.0
     lookup_s: float = 0.0
     load_s: float = 0.0
     reuse: str = "none"
+
+    @property
+    def reuse_overhead_s(self) -> float:
+        return self.lookup_s + self.load_s
 
 
 @dataclass
