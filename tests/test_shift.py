@@ -91,7 +91,7 @@ def test_narrow_layer_defaults_per_family_and_validates() -> None:
     from sparsex.reuse.options import ReuseOptions, narrow_layer
 
     assert narrow_layer(ReuseOptions(), "llama") == 2  # chosen on the tune split (issue #16)
-    assert narrow_layer(ReuseOptions(), "gemma3") == 3  # not re-measured
+    assert narrow_layer(ReuseOptions(), "gemma3") == 2  # chosen on the tune split too
     assert narrow_layer(ReuseOptions(narrow_layer=0), "llama") == 0  # one stage
     assert narrow_layer(ReuseOptions(narrow_layer=5), "gemma3") == 5
     with pytest.raises(ValueError, match="narrow_layer"):
@@ -102,7 +102,7 @@ def test_budget_defaults_per_family_and_validates() -> None:
     from sparsex.reuse.options import ReuseOptions, budget_fraction
 
     assert budget_fraction(ReuseOptions(), "llama") == 0.1  # chosen on the tune split (issue #16)
-    assert budget_fraction(ReuseOptions(), "gemma3") == 0.15  # not re-measured
+    assert budget_fraction(ReuseOptions(), "gemma3") == 0.1  # chosen on the tune split too
     assert budget_fraction(ReuseOptions(budget=0.3), "gemma3") == 0.3
     assert budget_fraction(ReuseOptions(budget=0.0), "llama") == 0.0
     with pytest.raises(ValueError, match="budget"):
