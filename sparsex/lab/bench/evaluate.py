@@ -10,8 +10,10 @@ items; headline runs use ``--split report --n 32`` or more.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from sparsex.lab.bench.common import machine, print_table, write_json
@@ -45,7 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--boot-seed", type=int, default=0, help="seed of the bootstrap")
     ap.add_argument("--out", default="out/eval.json")
     ap.add_argument("--plot", default=None, help="PNG of quality vs cost (first-token and 16-token gap, match)")
+    ap.add_argument("--markdown", default=None, help="also write the tables as Markdown (docs/BENCHMARKS.md's layout)")
+    ap.add_argument("--from-json", default=None, metavar="JSON",
+                    help="run nothing: print (and --markdown / --plot) the tables of an earlier run's --out file")
     args = ap.parse_args(argv)
+    if args.from_json:
+        return _render(args, json.loads(Path(args.from_json).read_text())["summary"])
     seed = SPLIT_SEEDS[args.split] if args.seed is None else args.seed
     if args.split == "report" and args.n < HEADLINE_ITEMS:
         print(f"note: headline tables use >= {HEADLINE_ITEMS} items per workload (--n {args.n})", file=sys.stderr)
@@ -71,9 +78,18 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
     rows = summarize(results, seed=args.boot_seed, resamples=args.resamples)
     print(f"split {args.split} (seed {seed}), {args.n} items per workload; [95% bootstrap interval]")
-    _print(rows)
     write_json(args.out, {"machine": machine(), "model": llm.model_name, "split": args.split, "seed": seed,
                           "args": vars(args), "summary": rows, "runs": [r.__dict__ for r in results]})
+    return _render(args, rows)
+
+
+def _render(args: argparse.Namespace, rows: list[dict[str, Any]]) -> int:
+    """Print the tables; write the Markdown and the plot where asked."""
+    _print(rows)
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(markdown_tables(rows))
+        print(f"wrote {args.markdown}")
     if args.plot:
         plot_quality_cost(rows, args.plot)
     return 0
@@ -113,6 +129,41 @@ def _print(rows: list[dict[str, Any]]) -> None:
               _fmt(r, "gap_closed16"), _fmt(r, "match32", 1), _fmt(r, "accuracy"), r["ttft_s"], _fmt(r, "cost"),
               r["recomputed"]] for r in sub],
         )
+
+
+def _md_cell(row: dict[str, Any], key: str, percent: bool, digits: int) -> str:
+    """``92% [89, 94]`` (percent) or ``0.0162 [0.0125, 0.0210]``; ``-`` when the cell has no value."""
+    v, ci = row.get(key), row.get("ci", {}).get(key)
+    if v is None:
+        return "-"
+    scale, unit = (100, "%") if percent else (1, "")
+    text = f"{v * scale:.{digits}f}{unit}"
+    return text if ci is None else f"{text} [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
+
+
+MD_COLUMNS = (("first-token gap closed", "gap_closed", True, 0), ("16-token gap closed", "gap_closed16", True, 0),
+              ("KL (first)", "kl", False, 4), ("KL@16", "kl16", False, 4), ("match/32", "match32", False, 1),
+              ("accuracy", "accuracy", True, 0))
+
+
+def markdown_tables(rows: list[dict[str, Any]]) -> str:
+    """One Markdown table per workload, as in docs/BENCHMARKS.md: every metric with its 95% interval,
+    then the median TTFT and the mean cost."""
+    out = []
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        sub = [r for r in rows if r["kind"] == kind]
+        reused = max(r.get("reused", 0.0) for r in sub)
+        out.append(f"**{kind}** ({sub[0]['n']} items, {sub[0]['tokens']:.0f} prompt tokens on average, "
+                   f"{reused * 100:.0f}% reused)\n")
+        head = ["method", *(c[0] for c in MD_COLUMNS), "TTFT s", "cost"]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|---|" + "---:|" * (len(head) - 1))
+        for r in sub:
+            cells = [r["method"], *(_md_cell(r, key, pct, dg) for _, key, pct, dg in MD_COLUMNS),
+                     f"{r['ttft_s']:.2f}", f"{r['cost']:.2f}"]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 PANELS = (("gap_closed", "KL gap closed, first token"), ("gap_closed16", "KL gap closed, 16 forced tokens"),
