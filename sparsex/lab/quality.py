@@ -181,10 +181,16 @@ INTERVAL_METRICS = ("top1", "kl", "kl16", "gap_closed", "gap_closed16", "match32
 """Summary fields that get a bootstrap 95% interval (``row["ci"][field] = [lo, hi]``)."""
 
 
+WORSE_TOLERANCE = 1e-6
+"""KL above naive's by more than this counts an item as worse than naive (the exactness tests'
+tolerance: two exact methods differ by less)."""
+
+
 def summarize(results: list[RunResult], *, seed: int = 0, resamples: int = RESAMPLES) -> list[dict[str, Any]]:
     """Per (workload kind, method): means, accuracy, median TTFT, the share of naive's KL gap closed
     (first token and teacher-forced over ``FORCED`` positions), each with a seeded bootstrap 95%
-    interval over the items (``row["ci"]``; the gap paired item by item with naive)."""
+    interval over the items (``row["ci"]``; the gap paired item by item with naive), and how many
+    items the method did worse on than naive (``worse``: first-token KL, ``worse16``: KL@16)."""
     groups: dict[tuple[str, str], list[RunResult]] = defaultdict(list)
     for r in results:
         groups[(r.kind, r.method)].append(r)
@@ -219,6 +225,9 @@ def summarize(results: list[RunResult], *, seed: int = 0, resamples: int = RESAM
             "cost": point["cost"],
             "recomputed": statistics.mean(r.recomputed_fraction for r in rs),
             "reused": statistics.mean(r.segment_hit_fraction for r in rs),
+            "worse": sum(r.kl > base[r.item].kl + WORSE_TOLERANCE for r in paired) if paired else None,
+            "worse16": (sum(r.kl_forced > base[r.item].kl_forced + WORSE_TOLERANCE for r in paired)
+                        if paired else None),
             "tokens": statistics.mean(r.prompt_tokens for r in rs),
             "ci": {name: None if v is None else [v[0], v[1]] for name, v in ci.items()},
         })

@@ -59,19 +59,26 @@ def test_markdown_tables_render_a_saved_run_without_a_model(tmp_path, capsys) ->
     from sparsex.lab.bench.evaluate import main, markdown_tables
 
     runs = [_run(f"i{j}", m, kl * (j + 1), correct=j % 3 != 0)
-            for j in range(6) for m, kl in (("naive", 0.1), ("blend", 0.02))]
+            for j in range(6) for m, kl in (("naive", 0.1), ("blend", 0.02), ("bad", 0.2 if j % 2 else 0.01))]
     rows = summarize(runs, seed=7)
+    assert [(r["method"], r["worse"], r["worse16"]) for r in rows] == [("naive", 0, 0), ("blend", 0, 0), ("bad", 3, 3)]
     text = markdown_tables(rows)
     lines = text.splitlines()
     assert lines[0] == "**lookup** (6 items, 100 prompt tokens on average, 80% reused)"
     assert lines[2].startswith("| method | first-token gap closed | 16-token gap closed |")
     blend = next(line for line in lines if line.startswith("| blend |")).split(" | ")
-    assert blend[1] == "80% [80, 80]" and blend[-2] == "0.10" and blend[-1] == "0.20 |"
+    assert blend[1] == "80% [80, 80]" and blend[-3:] == ["0 / 0 of 6", "0.10", "0.20 |"]
+    assert next(line for line in lines if line.startswith("| bad |")).split(" | ")[-3] == "3 / 3 of 6"
     lo, hi = rows[1]["ci"]["accuracy"] if rows[1]["method"] == "blend" else rows[0]["ci"]["accuracy"]
     assert blend[6] == f"67% [{lo * 100:.0f}, {hi * 100:.0f}]"
     # --from-json re-renders an earlier run's --out file: same tables, no model loaded
     saved, md = tmp_path / "run.json", tmp_path / "tables.md"
     saved.write_text(json.dumps({"summary": rows}))
+    assert main(["--from-json", str(saved), "--markdown", str(md)]) == 0
+    assert md.read_text() == text
+    # with its per-item runs, the summary is recomputed with the run's bootstrap seed: the same tables
+    saved.write_text(json.dumps({"summary": [], "args": {"boot_seed": 7, "resamples": 1000},
+                                 "runs": [r.__dict__ for r in runs]}))
     assert main(["--from-json", str(saved), "--markdown", str(md)]) == 0
     assert md.read_text() == text
     assert "gap closed @16" in capsys.readouterr().out

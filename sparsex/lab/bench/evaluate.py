@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="run nothing: print (and --markdown / --plot) the tables of an earlier run's --out file")
     args = ap.parse_args(argv)
     if args.from_json:
-        return _render(args, json.loads(Path(args.from_json).read_text())["summary"])
+        return _render(args, _saved_rows(json.loads(Path(args.from_json).read_text())))
     seed = SPLIT_SEEDS[args.split] if args.seed is None else args.seed
     if args.split == "report" and args.n < HEADLINE_ITEMS:
         print(f"note: headline tables use >= {HEADLINE_ITEMS} items per workload (--n {args.n})", file=sys.stderr)
@@ -81,6 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out, {"machine": machine(), "model": llm.model_name, "split": args.split, "seed": seed,
                           "args": vars(args), "summary": rows, "runs": [r.__dict__ for r in results]})
     return _render(args, rows)
+
+
+def _saved_rows(saved: dict[str, Any]) -> list[dict[str, Any]]:
+    """The summary of a saved run, recomputed from its per-item runs (with the run's own bootstrap
+    seed and resamples: the same intervals, plus any column added since) where it has them."""
+    if not saved.get("runs"):
+        return list(saved["summary"])
+    from sparsex.lab.quality import RunResult, summarize
+
+    run_args = saved.get("args", {})
+    return summarize([RunResult(**r) for r in saved["runs"]], seed=run_args.get("boot_seed", 0),
+                     resamples=run_args.get("resamples", 1000))
 
 
 def _render(args: argparse.Namespace, rows: list[dict[str, Any]]) -> int:
@@ -123,11 +135,11 @@ def _print(rows: list[dict[str, Any]]) -> None:
         print(f"\n== {kind} ==")
         sub = [r for r in rows if r["kind"] == kind]
         print_table(
-            ["method", "n", "top1", "KL", "gap closed", "KL@16", "gap closed @16", "match/32", "acc", "TTFT s",
-             "cost", "recomp"],
+            ["method", "n", "top1", "KL", "gap closed", "KL@16", "gap closed @16", "match/32", "acc",
+             "worse than naive", "TTFT s", "cost", "recomp"],
             [[r["method"], r["n"], _fmt(r, "top1"), _fmt(r, "kl", 4), _fmt(r, "gap_closed"), _fmt(r, "kl16", 4),
-              _fmt(r, "gap_closed16"), _fmt(r, "match32", 1), _fmt(r, "accuracy"), r["ttft_s"], _fmt(r, "cost"),
-              r["recomputed"]] for r in sub],
+              _fmt(r, "gap_closed16"), _fmt(r, "match32", 1), _fmt(r, "accuracy"), _worse(r), r["ttft_s"],
+              _fmt(r, "cost"), r["recomputed"]] for r in sub],
         )
 
 
@@ -146,20 +158,27 @@ MD_COLUMNS = (("first-token gap closed", "gap_closed", True, 0), ("16-token gap 
               ("accuracy", "accuracy", True, 0))
 
 
+def _worse(row: dict[str, Any]) -> str:
+    """``first / 16 of n``: items on which the method's first-token KL / KL@16 exceeds naive's."""
+    if row.get("worse") is None:
+        return "-"
+    return f"{row['worse']} / {row['worse16']} of {row['n']}"
+
+
 def markdown_tables(rows: list[dict[str, Any]]) -> str:
     """One Markdown table per workload, as in docs/BENCHMARKS.md: every metric with its 95% interval,
-    then the median TTFT and the mean cost."""
+    the items worse than naive (first token / 16 tokens), then the median TTFT and the mean cost."""
     out = []
     for kind in dict.fromkeys(r["kind"] for r in rows):
         sub = [r for r in rows if r["kind"] == kind]
         reused = max(r.get("reused", 0.0) for r in sub)
         out.append(f"**{kind}** ({sub[0]['n']} items, {sub[0]['tokens']:.0f} prompt tokens on average, "
                    f"{reused * 100:.0f}% reused)\n")
-        head = ["method", *(c[0] for c in MD_COLUMNS), "TTFT s", "cost"]
+        head = ["method", *(c[0] for c in MD_COLUMNS), "worse than naive", "TTFT s", "cost"]
         out.append("| " + " | ".join(head) + " |")
         out.append("|---|" + "---:|" * (len(head) - 1))
         for r in sub:
-            cells = [r["method"], *(_md_cell(r, key, pct, dg) for _, key, pct, dg in MD_COLUMNS),
+            cells = [r["method"], *(_md_cell(r, key, pct, dg) for _, key, pct, dg in MD_COLUMNS), _worse(r),
                      f"{r['ttft_s']:.2f}", f"{r['cost']:.2f}"]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
