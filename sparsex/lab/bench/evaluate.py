@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsex.lab.bench.common import machine, print_table, write_json
+from sparsex.lab.stats import RESAMPLES
 
 DEFAULT_METHODS = "naive,epic,cacheblend,sparsex:hybrid=false,sparsex,blend"
 SPLIT_SEEDS = {"tune": 0, "report": 1000}
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated budgets (fraction of reused tokens); default: the model family's")
     ap.add_argument("--continuation", type=int, default=32, help="greedy tokens compared (match length)")
     ap.add_argument("--forced", type=int, default=16, help="positions compared under teacher forcing")
-    ap.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples per cell")
+    ap.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap resamples per cell")
     ap.add_argument("--boot-seed", type=int, default=0, help="seed of the bootstrap")
     ap.add_argument("--out", default="out/eval.json")
     ap.add_argument("--plot", default=None, help="PNG of quality vs cost (first-token and 16-token gap, match)")
@@ -92,7 +93,7 @@ def _saved_rows(saved: dict[str, Any]) -> list[dict[str, Any]]:
 
     run_args = saved.get("args", {})
     return summarize([RunResult(**r) for r in saved["runs"]], seed=run_args.get("boot_seed", 0),
-                     resamples=run_args.get("resamples", 1000))
+                     resamples=run_args.get("resamples", RESAMPLES))
 
 
 def _render(args: argparse.Namespace, rows: list[dict[str, Any]]) -> int:
@@ -120,14 +121,15 @@ def _methods(text: str, budgets: list[float | None], parse: Any) -> list[Any]:
     return methods
 
 
-def _fmt(row: dict[str, Any], key: str, digits: int = 2) -> str:
-    """``value [lo, hi]``, or ``-`` when the cell has no value."""
+def _fmt(row: dict[str, Any], key: str, digits: int = 2, percent: bool = False) -> str:
+    """``value [lo, hi]`` (``percent``: ``92% [89, 94]``), or ``-`` when the cell has no value."""
     v = row.get(key)
     if v is None:
         return "-"
     ci = row.get("ci", {}).get(key)
-    text = f"{v:.{digits}f}"
-    return text if ci is None else f"{text} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+    scale, unit = (100, "%") if percent else (1, "")
+    text = f"{v * scale:.{digits}f}{unit}"
+    return text if ci is None else f"{text} [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
 
 
 def _print(rows: list[dict[str, Any]]) -> None:
@@ -141,16 +143,6 @@ def _print(rows: list[dict[str, Any]]) -> None:
               _fmt(r, "gap_closed16"), _fmt(r, "match32", 1), _fmt(r, "accuracy"), _worse(r), r["ttft_s"],
               _fmt(r, "cost"), r["recomputed"]] for r in sub],
         )
-
-
-def _md_cell(row: dict[str, Any], key: str, percent: bool, digits: int) -> str:
-    """``92% [89, 94]`` (percent) or ``0.0162 [0.0125, 0.0210]``; ``-`` when the cell has no value."""
-    v, ci = row.get(key), row.get("ci", {}).get(key)
-    if v is None:
-        return "-"
-    scale, unit = (100, "%") if percent else (1, "")
-    text = f"{v * scale:.{digits}f}{unit}"
-    return text if ci is None else f"{text} [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
 
 
 MD_COLUMNS = (("first-token gap closed", "gap_closed", True, 0), ("16-token gap closed", "gap_closed16", True, 0),
@@ -178,7 +170,7 @@ def markdown_tables(rows: list[dict[str, Any]]) -> str:
         out.append("| " + " | ".join(head) + " |")
         out.append("|---|" + "---:|" * (len(head) - 1))
         for r in sub:
-            cells = [r["method"], *(_md_cell(r, key, pct, dg) for _, key, pct, dg in MD_COLUMNS), _worse(r),
+            cells = [r["method"], *(_fmt(r, key, dg, pct) for _, key, pct, dg in MD_COLUMNS), _worse(r),
                      f"{r['ttft_s']:.2f}", f"{r['cost']:.2f}"]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
