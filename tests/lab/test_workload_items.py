@@ -50,7 +50,7 @@ def test_item_i_does_not_depend_on_n(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", WORKLOADS)
-@pytest.mark.parametrize("style", ["plain", "chatml"])
+@pytest.mark.parametrize("style", ["plain", "chatml", "gemma"])
 def test_segments_reappear_in_another_context(kind: str, style: str) -> None:
     for item in small(kind, 3, 1, style=style):
         assert item.kind == kind and item.name.startswith(f"{kind}-")
@@ -207,6 +207,30 @@ def test_chatml_markers_are_plain_text() -> None:
     assert plain[0].startswith("<|im_start|>system\n")
     assert plain[-1].endswith("<|im_start|>assistant\n")
     assert not any("<|im_" in part_text(s) for s in segments_of(item.prompt))
+
+
+@pytest.mark.parametrize("kind", ["chat", "agents", "rag", "lookup"])
+def test_gemma_markup_has_turns_and_no_system_role(kind: str) -> None:
+    """Gemma's template: the system text opens the first user turn; assistant turns are "model"."""
+    item = small(kind, 1, 0, style="gemma")[0]
+    text = prompt_text(item.prompt)
+    assert text.startswith("<start_of_turn>user\n") and "system" not in re.findall(r"<start_of_turn>(\w+)", text)
+    assert re.search(r"<end_of_turn>\n<start_of_turn>model\n[^<]*$", text)  # hands over to the model last
+    assert text.count("<start_of_turn>") == text.count("<end_of_turn>") + 1  # only the reply is open
+    if kind == "chat":
+        assert "<start_of_turn>model\n" in text.split("<end_of_turn>")[1]  # an earlier assistant turn
+    assert not any("<start_of_turn>" in part_text(s) for s in segments_of(item.prompt))
+
+
+def test_markup_style_follows_the_vocabulary() -> None:
+    from sparsex.lab.bench.evaluate import markup_style
+
+    def vocab(*tokens: str):  # type: ignore[no-untyped-def]
+        return lambda t: 1 if t in tokens else None
+
+    assert markup_style(vocab("<start_of_turn>", "<end_of_turn>")) == "gemma"
+    assert markup_style(vocab("<|im_start|>")) == "chatml"
+    assert markup_style(vocab("</s>")) == "plain"
 
 
 def test_bad_arguments_are_rejected() -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from sparsex.lab.bench.common import machine, print_table, write_json
 from sparsex.lab.stats import RESAMPLES
+from sparsex.lab.workloads.common import STYLES
 
 DEFAULT_METHODS = "naive,epic,cacheblend,sparsex:hybrid=false,sparsex,blend"
 SPLIT_SEEDS = {"tune": 0, "report": 1000}
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated; options after ':' joined by '+', e.g. sparsex:hybrid=false+boundary=8")
     ap.add_argument("--budgets", default="default",
                     help="comma-separated budgets (fraction of reused tokens); default: the model family's")
+    ap.add_argument("--style", choices=("auto", *STYLES), default="auto",
+                    help="turn markup of the prompts; auto: the model's own (gemma, chatml), else plain")
     ap.add_argument("--continuation", type=int, default=32, help="greedy tokens compared (match length)")
     ap.add_argument("--forced", type=int, default=16, help="positions compared under teacher forcing")
     ap.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap resamples per cell")
@@ -66,22 +69,32 @@ def main(argv: list[str] | None = None) -> int:
     llm = LLM(model=args.model, planners=LAB_PLANNERS, max_prefill_tokens=None)  # exact, unchunked reference
     budgets = [None if b.strip() == "default" else float(b) for b in args.budgets.split(",")]
     methods = _methods(args.methods, budgets, parse_method)
+    style = args.style if args.style != "auto" else markup_style(llm.tokenizer.token_id)
     results = []
     t0 = time.perf_counter()
     for kind in args.workloads.split(","):
         doc_tokens, num_docs = DEFAULT_SIZES.get(kind, (300, 6))
         items = make_workload(kind, args.n, seed, doc_tokens=args.doc_tokens or doc_tokens,
-                              num_docs=args.num_docs or num_docs, style="chatml")
+                              num_docs=args.num_docs or num_docs, style=style)
         for i, item in enumerate(items):
             results += evaluate_item(llm, item, methods, namespace=f"eval-{kind}-{i}",
                                      continuation=args.continuation, forced=args.forced)
             print(f"  {kind} {i + 1}/{len(items)} done ({time.perf_counter() - t0:.0f}s)", file=sys.stderr,
                   flush=True)
     rows = summarize(results, seed=args.boot_seed, resamples=args.resamples)
-    print(f"split {args.split} (seed {seed}), {args.n} items per workload; [95% bootstrap interval]")
+    print(f"split {args.split} (seed {seed}), {args.n} items per workload, {style} markup; [95% bootstrap interval]")
     write_json(args.out, {"machine": machine(), "model": llm.model_name, "split": args.split, "seed": seed,
+                          "style": style,
                           "args": vars(args), "summary": rows, "runs": [r.__dict__ for r in results]})
     return _render(args, rows)
+
+
+def markup_style(token_id: Any) -> str:
+    """The prompt markup a model was trained on, from its vocabulary (``token_id(str) -> int | None``):
+    Gemma's turn markers, else ChatML's, else plain labels."""
+    if token_id("<start_of_turn>") is not None:
+        return "gemma"
+    return "chatml" if token_id("<|im_start|>") is not None else "plain"
 
 
 def _saved_rows(saved: dict[str, Any]) -> list[dict[str, Any]]:

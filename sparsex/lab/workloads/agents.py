@@ -41,7 +41,7 @@ def _agent_prompt(
     params: Params, role: str, task: str, messages: list[tuple[str, Segment]], instruction: str
 ) -> list[Part]:
     markup = params.markup
-    parts: list[Part] = [markup.open("system"), ROLES[role], markup.close(), markup.open("user"), task]
+    parts: list[Part] = [markup.system(ROLES[role]), task]
     for label, seg in messages:
         parts.extend([f"\n\n{label}\n", seg])
     parts.extend([f"\n\n{instruction}", markup.close(), markup.reply()])

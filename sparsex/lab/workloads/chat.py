@@ -37,9 +37,10 @@ def _system(day: str) -> str:
 
 
 def _conversation(markup: Markup, system: str, turns: list[tuple[str, Segment]]) -> list[Part]:
-    parts: list[Part] = [markup.open("system"), system, markup.close()]
-    for role, seg in turns:
-        parts.extend([markup.open(role), seg, markup.close()])
+    """System text, then the turns (the first one is the user's, opened by ``markup.system``)."""
+    parts: list[Part] = [markup.system(system)]
+    for j, (role, seg) in enumerate(turns):
+        parts.extend(["" if j == 0 else markup.open(role), seg, markup.close()])
     return merge(parts)
 
 

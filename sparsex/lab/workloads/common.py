@@ -16,7 +16,7 @@ from sparsex.segments import Segment
 T = TypeVar("T")
 
 CHARS_PER_TOKEN = 4
-STYLES = ("plain", "chatml")
+STYLES = ("plain", "chatml", "gemma")
 _BOUNDARY = re.compile(r"(?<=[.!?])[\"”)]?\s+")
 
 
@@ -45,30 +45,42 @@ class Markup:
 
     ``plain``: ``"User:\\n"`` / ``"Assistant:\\n"`` labels, questions end with ``"Answer:"``
     (works for base models). ``chatml``: ``<|im_start|>role ... <|im_end|>`` markers
-    (the SmolLM2-Instruct template), the prompt ends with the assistant's opener.
+    (the SmolLM2-Instruct template), the prompt ends with the assistant's opener. ``gemma``:
+    ``<start_of_turn>user|model ... <end_of_turn>`` (Gemma's template: no system role, the system
+    text opens the first user turn).
     """
 
     style: str = "plain"
-    """``"plain"`` or ``"chatml"``."""
+    """``"plain"``, ``"chatml"`` or ``"gemma"``."""
 
     def open(self, role: str) -> str:
-        """Text that starts a message of ``role`` (system, user, assistant)."""
+        """Text that starts a message of ``role`` (user, assistant; system: see ``system``)."""
         if self.style == "chatml":
             return f"<|im_start|>{role}\n"
+        if self.style == "gemma":
+            return f"<start_of_turn>{'model' if role == 'assistant' else 'user'}\n"
         # a newline, not a space, after the label: parts are tokenized separately and a
         # trailing space would become a lone token before the segment's first word
         return "" if role == "system" else f"{role.capitalize()}:\n"
 
     def close(self) -> str:
         """Text that ends a message."""
+        if self.style == "gemma":
+            return "<end_of_turn>\n"
         return "<|im_end|>\n" if self.style == "chatml" else "\n\n"
+
+    def system(self, text: str) -> str:
+        """The system message ``text`` and the opener of the user message that follows it."""
+        if self.style == "gemma":
+            return f"{self.open('user')}{text}\n\n"
+        return f"{self.open('system')}{text}{self.close()}{self.open('user')}"
 
     def reply(self, lead: str = "") -> str:
         """Text that hands over to the assistant, optionally starting its reply with ``lead``."""
-        opener = "<|im_start|>assistant\n" if self.style == "chatml" else "Assistant:"
+        opener = "Assistant:" if self.style == "plain" else self.open("assistant")
         if not lead:
             return opener
-        return f"{opener}{lead}" if self.style == "chatml" else f"{opener} {lead}"
+        return f"{opener} {lead}" if self.style == "plain" else f"{opener}{lead}"
 
 
 def item_rng(kind: str, seed: int, index: int) -> random.Random:
@@ -173,8 +185,8 @@ def frame(markup: Markup, system: str, body: Sequence[Part], question: str, lead
     ``lead`` starts the answer (e.g. ``"The pass key is"``) so that the next
     token is the answer itself.
     """
-    if markup.style == "chatml":
-        head = f"{markup.open('system')}{system}{markup.close()}{markup.open('user')}"
+    if markup.style != "plain":
+        head = markup.system(system)
         tail = f"\n\n{question}{markup.close()}{markup.reply(lead)}"
     else:
         head = f"{system}\n\n"

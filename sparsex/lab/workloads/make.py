@@ -55,7 +55,7 @@ def make_workload(
     num_docs: reusable parts per item: documents (rag), earlier exchanges (chat), haystack
         or word-list segments (needle, vartrack, cwe, fwe); agents always share 3 messages.
         A test prompt is then roughly ``num_docs * doc_tokens`` tokens.
-    style: ``"plain"`` role labels / ``Answer:`` cue, or ``"chatml"`` markers as plain text.
+    style: ``"plain"`` role labels / ``Answer:`` cue, or ``"chatml"`` / ``"gemma"`` turn markers.
     answerable: for rag, chat and agents, plant a fact and ask for it (``answer`` set);
         when False those items ask an open question and ``answer`` is None. The RULER kinds
         always have an answer.
