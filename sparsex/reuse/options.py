@@ -53,6 +53,9 @@ class ReuseOptions:
         ``shift``, is added to the cached K/V of the segment's other tokens (this request's copy
         only; keys compared without their rotation). None = the family default (Llama 0.5,
         Gemma 3 0.3), chosen by sweeps, see docs/REUSE.md.
+    shift_v: blend: the shift's weight for values (None = ``shift``, so keys and values alike).
+    shift_shrink: blend: shrink each segment's mean toward 0 by ``m / (m + shift_shrink)``, where
+        ``m`` is how many of its tokens ran: a mean over few tokens is trusted less (0 = off).
     namespace: tenant / cache salt; entries never cross namespaces.
     auto_segments: cut unannotated text into content-defined chunks that can be reused.
     register: publish freshly computed segments and prefix blocks into the cache.
@@ -76,6 +79,8 @@ class ReuseOptions:
     narrow_layer: int | None = None
     candidates: float = 3.0
     shift: float | None = None
+    shift_v: float | None = None
+    shift_shrink: float = 0.0
     namespace: str = ""
     auto_segments: bool = True
     register: bool = True
@@ -90,8 +95,12 @@ class ReuseOptions:
             raise ValueError(f"a fractional boundary must be in [0, 1), got {self.boundary}")
         if isinstance(self.boundary, int) and not isinstance(self.boundary, bool) and self.boundary < 0:
             raise ValueError(f"boundary layer must be >= 0, got {self.boundary}")
-        if self.shift is not None and not 0.0 <= self.shift <= 1.0:
-            raise ValueError(f"shift must be in [0, 1], got {self.shift}")
+        for name in ("shift", "shift_v"):
+            w = getattr(self, name)
+            if w is not None and not 0.0 <= w <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {w}")
+        if self.shift_shrink < 0:
+            raise ValueError(f"shift_shrink must be >= 0, got {self.shift_shrink}")
         if self.filter_start < 1.0:
             raise ValueError(f"filter_start must be >= 1 (a multiple of the budget), got {self.filter_start}")
         if self.candidates < 1.0:

@@ -202,7 +202,8 @@ def plan_blend(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> Rec
 
     adjust, weight = None, shift_weight(opts, ctx.spec.family)
     if weight > 0:
-        adjust = segment_shift(ctx.kv, ctx.spec, sit.seq.block_table, sit.reused, sit.segment_runs, weight)
+        adjust = segment_shift(ctx.kv, ctx.spec, sit.seq.block_table, sit.reused, sit.segment_runs, weight,
+                               opts.shift_v, opts.shift_shrink)
     return RecomputePlan(
         sit.seq, check, sit.i_nr, select, check, probe=True, restore=torch.nonzero(sit.reused).flatten(),
         stages=(NarrowStage(narrow_at, narrow_select),) if narrow else (),

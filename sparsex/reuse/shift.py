@@ -33,11 +33,12 @@ def segment_means(delta: torch.Tensor, segment: torch.Tensor, num_segments: int)
 
 def segment_shift(
     kv: KVCache, spec: ModelSpec, block_table: list[int], reused: torch.Tensor,
-    segment_runs: list[tuple[int, int]], weight: float,
+    segment_runs: list[tuple[int, int]], weight: float, weight_v: float | None = None, shrink: float = 0.0,
 ) -> Callable[[int, SeqSlice, torch.Tensor, torch.Tensor], None]:
     """A ``before_write`` hook: before a layer overwrites the running reused tokens' cached K/V, add
     ``weight`` x the mean (fresh - cached) difference of each segment's running tokens to the cached
-    K/V of that segment's tokens that do not run, in this request's blocks only."""
+    K/V of that segment's tokens that do not run, in this request's blocks only. ``weight_v``: the
+    values' own weight (None = ``weight``); ``shrink``: see :func:`shift_corrections`."""
     dev = kv.k.device
     n = reused.numel()
     seg_of = torch.full((n,), -1, dtype=torch.int64)
@@ -83,7 +84,7 @@ def segment_shift(
         dk, dv = shift_corrections(
             k.index_select(0, src), v.index_select(0, src), k_old, v_old, p["src_seg"], p["t_seg"],
             rotation(table, "src", p["src_pos"]), rotation(table, "targets", p["targets"]),
-            len(segment_runs), weight,
+            len(segment_runs), weight if weight_v is None else weight_v, shrink,
         )
         kv.add(layer, p["t_slots"], dk, dv)
 
@@ -93,19 +94,22 @@ def segment_shift(
 def shift_corrections(
     k_fresh: torch.Tensor, v_fresh: torch.Tensor, k_cached: torch.Tensor, v_cached: torch.Tensor,
     src_seg: torch.Tensor, target_seg: torch.Tensor, src_unrotate: torch.Tensor, target_rotate: torch.Tensor,
-    num_segments: int, weight: float,
+    num_segments: int, weight_v: float, shrink: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The segment shift's K/V corrections for the idle target tokens (pure).
 
     k_fresh, v_fresh, k_cached, v_cached: [m, Hkv, D] the running reused tokens' fresh and cached K/V.
     src_seg: [m] their segment ids; target_seg: [t] the targets' segment ids.
     src_unrotate: [m, 1, D/2] inverse rotations at the sources' positions (keys compared in one frame).
-    target_rotate: [t, 1, D/2] ``weight`` x the rotations at the targets' positions.
-    Returns (dk, dv): [t, Hkv, D] each, float32: ``weight`` x each target's segment mean difference
+    target_rotate: [t, 1, D/2] the keys' weight x the rotations at the targets' positions.
+    weight_v: the values' weight. shrink: each segment's means are scaled by ``m / (m + shrink)``,
+    ``m`` its number of sources (0 = no shrinkage).
+    Returns (dk, dv): [t, Hkv, D] each, float32: each target's weighted segment mean difference
     (keys rotated to the target's position).
     """
     dk = as_pairs(k_fresh.float() - k_cached.float()) * src_unrotate
-    mean_k, _ = segment_means(dk, src_seg, num_segments)
+    mean_k, counts = segment_means(dk, src_seg, num_segments)
     mean_v, _ = segment_means(v_fresh.float() - v_cached.float(), src_seg, num_segments)
-    shift_k = torch.view_as_real(mean_k[target_seg] * target_rotate).flatten(-2)
-    return shift_k, (weight * mean_v)[target_seg]
+    trust = (counts / (counts + shrink).clamp_min(1e-9)).to(mean_v.dtype)[target_seg, None, None]
+    shift_k = torch.view_as_real(mean_k[target_seg] * target_rotate).flatten(-2) * trust
+    return shift_k, weight_v * mean_v[target_seg] * trust
