@@ -18,10 +18,16 @@ import torch
 
 from sparsex.model_runner import SeqInput
 from sparsex.reuse.executor import RecomputePlan
-from sparsex.reuse.options import ReuseOptions, shift_weight
-from sparsex.reuse.planner import PlanContext, Planner, ReuseSituation, budget_tokens, recompute_extras
+from sparsex.reuse.options import ReuseOptions
+from sparsex.reuse.planner import (
+    PlanContext,
+    Planner,
+    ReuseSituation,
+    budget_tokens,
+    recompute_extras,
+    shift_hook,
+)
 from sparsex.reuse.selectors import top_k_reused, union
-from sparsex.reuse.shift import segment_shift
 
 
 def true_kv_error(ctx: PlanContext, seq: SeqInput, reused: torch.Tensor) -> torch.Tensor:
@@ -57,10 +63,7 @@ def plan_oracle_blend(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext)
     """``blend``'s pipeline with the true-error top-k as the final set: layer 0 dense, then
     ``I_nr`` + top-k + overflow + tail for every later layer, with the segment shift from layer 1."""
     chosen = union(sit.i_nr, _oracle_top_k(opts, sit, ctx), recompute_extras(opts, sit, ctx))
-    adjust, weight = None, shift_weight(opts, ctx.spec.family)
-    if weight > 0:
-        adjust = segment_shift(ctx.kv, ctx.spec, sit.seq.block_table, sit.reused, sit.segment_runs, weight)
-    return RecomputePlan(sit.seq, 1, chosen, adjust=adjust, adjust_from=1)
+    return RecomputePlan(sit.seq, 1, chosen, adjust=shift_hook(opts, sit, ctx), adjust_from=1)
 
 
 LAB_PLANNERS: dict[str, Planner] = {"oracle": plan_oracle, "oracle-blend": plan_oracle_blend}

@@ -15,8 +15,15 @@ import torch
 from sparsex.kv_cache import KVCache
 from sparsex.model_runner import ModelRunner, SeqInput
 from sparsex.models.base import ModelSpec
-from sparsex.reuse.executor import NarrowStage, RecomputePlan, SelectionInputs, Selector
-from sparsex.reuse.options import ReuseOptions, boundary_layer, budget_fraction, narrow_layer, shift_weight
+from sparsex.reuse.executor import KVAdjust, NarrowStage, RecomputePlan, SelectionInputs, Selector
+from sparsex.reuse.options import (
+    ReuseOptions,
+    boundary_layer,
+    budget_fraction,
+    narrow_layer,
+    shift_shrink,
+    shift_weight,
+)
 from sparsex.reuse.selectors import (
     deviation_scores,
     epic_positions,
@@ -175,6 +182,15 @@ def plan_sparsex(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> R
     return RecomputePlan(sit.seq, 0, sit.i_nr, select, 0)
 
 
+def shift_hook(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> KVAdjust | None:
+    """The segment shift with the family's (or the request's) weights and shrinkage; None when off."""
+    weight = shift_weight(opts, ctx.spec.family)
+    if weight <= 0 and not opts.shift_v:
+        return None
+    return segment_shift(ctx.kv, ctx.spec, sit.seq.block_table, sit.reused, sit.segment_runs, weight,
+                         opts.shift_v, shift_shrink(opts, ctx.spec.family))
+
+
 def plan_blend(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
     """Ours: layer 0 dense, a probe of the check layer picks candidates by K+V deviation; they run to
     ``narrow_layer``, where K+V deviation plus Sparse-Q keeps the budget; then the segment shift."""
@@ -200,10 +216,7 @@ def plan_blend(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> Rec
                                   _query_mass(sit, ctx, inp))
         return union(sit.i_nr, top_k_reused(scores, pool, k), extras)
 
-    adjust, weight = None, shift_weight(opts, ctx.spec.family)
-    if weight > 0:
-        adjust = segment_shift(ctx.kv, ctx.spec, sit.seq.block_table, sit.reused, sit.segment_runs, weight,
-                               opts.shift_v, opts.shift_shrink)
+    adjust = shift_hook(opts, sit, ctx)
     return RecomputePlan(
         sit.seq, check, sit.i_nr, select, check, probe=True, restore=torch.nonzero(sit.reused).flatten(),
         stages=(NarrowStage(narrow_at, narrow_select),) if narrow else (),
