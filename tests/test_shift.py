@@ -81,14 +81,12 @@ def test_shift_adds_the_rotated_mean_correction_to_idle_tokens_only(weight_v: fl
 
 
 def test_shift_weight_defaults_per_family_and_validates() -> None:
-    from sparsex.reuse.options import ReuseOptions, shift_shrink, shift_weight
+    from sparsex.reuse.options import ReuseOptions, shift_weight
 
     assert shift_weight(ReuseOptions(), "llama") == 0.5
     assert shift_weight(ReuseOptions(), "gemma3") == 0.3
     assert shift_weight(ReuseOptions(shift=0.0), "llama") == 0.0  # off
     assert shift_weight(ReuseOptions(shift=0.8), "gemma3") == 0.8
-    assert shift_shrink(ReuseOptions(), "llama") == 32.0 and shift_shrink(ReuseOptions(), "gemma3") == 0.0
-    assert shift_shrink(ReuseOptions(shift_shrink=0), "llama") == 0.0
     with pytest.raises(ValueError, match="shift"):
         ReuseOptions(shift=1.5)
     with pytest.raises(ValueError, match="shift_v"):

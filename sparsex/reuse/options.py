@@ -55,8 +55,8 @@ class ReuseOptions:
         Gemma 3 0.3), chosen by sweeps, see docs/REUSE.md.
     shift_v: blend: the shift's weight for values (None = ``shift``, so keys and values alike).
     shift_shrink: blend: shrink each segment's mean toward 0 by ``m / (m + shift_shrink)``, where
-        ``m`` is how many of its tokens ran: a mean over few tokens is trusted less (0 = off).
-        None = the family default (Llama 32, Gemma 3 0), see docs/REUSE.md.
+        ``m`` is how many of its tokens ran: a mean over few tokens is trusted less (0 = off, the
+        default: on the report split it fixed chat but cost RAG and agents, see docs/REUSE.md).
     namespace: tenant / cache salt; entries never cross namespaces.
     auto_segments: cut unannotated text into content-defined chunks that can be reused.
     register: publish freshly computed segments and prefix blocks into the cache.
@@ -81,7 +81,7 @@ class ReuseOptions:
     candidates: float = 3.0
     shift: float | None = None
     shift_v: float | None = None
-    shift_shrink: float | None = None
+    shift_shrink: float = 0.0
     namespace: str = ""
     auto_segments: bool = True
     register: bool = True
@@ -100,7 +100,7 @@ class ReuseOptions:
             w = getattr(self, name)
             if w is not None and not 0.0 <= w <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {w}")
-        if self.shift_shrink is not None and self.shift_shrink < 0:
+        if self.shift_shrink < 0:
             raise ValueError(f"shift_shrink must be >= 0, got {self.shift_shrink}")
         if self.filter_start < 1.0:
             raise ValueError(f"filter_start must be >= 1 (a multiple of the budget), got {self.filter_start}")
@@ -150,16 +150,6 @@ DEFAULT_NARROW = {"llama": 2, "gemma3": 2}
 def narrow_layer(opts: ReuseOptions, family: str) -> int:
     """blend's narrowing layer for ``family`` (0 = one selection stage)."""
     return int(opts.narrow_layer if opts.narrow_layer is not None else DEFAULT_NARROW.get(family, 2))
-
-
-# The shift's shrinkage per family, from a tune-split run (docs/BENCHMARKS.md, session 9): on SmolLM2
-# 32 removes most single-position KL spikes and keeps the 16-token gap closed; Gemma 3: not measured.
-DEFAULT_SHRINK = {"llama": 32.0, "gemma3": 0.0}
-
-
-def shift_shrink(opts: ReuseOptions, family: str) -> float:
-    """The segment shift's shrinkage for ``family`` (0 = none)."""
-    return float(opts.shift_shrink if opts.shift_shrink is not None else DEFAULT_SHRINK.get(family, 0.0))
 
 
 def shift_weight(opts: ReuseOptions, family: str) -> float:

@@ -21,7 +21,6 @@ from sparsex.reuse.options import (
     boundary_layer,
     budget_fraction,
     narrow_layer,
-    shift_shrink,
     shift_weight,
 )
 from sparsex.reuse.selectors import (
@@ -188,7 +187,7 @@ def shift_hook(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> KVA
     if weight <= 0 and not opts.shift_v:
         return None
     return segment_shift(ctx.kv, ctx.spec, sit.seq.block_table, sit.reused, sit.segment_runs, weight,
-                         opts.shift_v, shift_shrink(opts, ctx.spec.family))
+                         opts.shift_v, opts.shift_shrink)
 
 
 def plan_blend(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
