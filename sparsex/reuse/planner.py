@@ -16,13 +16,7 @@ from sparsex.kv_cache import KVCache
 from sparsex.model_runner import ModelRunner, SeqInput
 from sparsex.models.base import ModelSpec
 from sparsex.reuse.executor import KVAdjust, NarrowStage, RecomputePlan, SelectionInputs, Selector
-from sparsex.reuse.options import (
-    ReuseOptions,
-    boundary_layer,
-    budget_fraction,
-    narrow_layer,
-    shift_weight,
-)
+from sparsex.reuse.options import ReuseOptions, boundary_layer, budget_fraction, narrow_layer, shift_weight
 from sparsex.reuse.selectors import (
     deviation_scores,
     epic_positions,

@@ -110,6 +110,7 @@ def shift_corrections(
     dk = as_pairs(k_fresh.float() - k_cached.float()) * src_unrotate
     mean_k, counts = segment_means(dk, src_seg, num_segments)
     mean_v, _ = segment_means(v_fresh.float() - v_cached.float(), src_seg, num_segments)
-    trust = (counts / (counts + shrink).clamp_min(1e-9)).to(mean_v.dtype)[target_seg, None, None]
-    shift_k = torch.view_as_real(mean_k[target_seg] * target_rotate).flatten(-2) * trust
-    return shift_k, weight_v * mean_v[target_seg] * trust
+    trust = (counts / (counts + shrink).clamp_min(1)).to(mean_v.dtype)[:, None, None]  # per segment, then gathered
+    mean_k, mean_v = mean_k * trust, mean_v * (weight_v * trust)
+    shift_k = torch.view_as_real(mean_k[target_seg] * target_rotate).flatten(-2)
+    return shift_k, mean_v[target_seg]

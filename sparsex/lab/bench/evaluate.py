@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     return _render(args, rows)
 
 
-def markup_style(token_id: Any) -> str:
+def markup_style(token_id: Callable[[str], int | None]) -> str:
     """The prompt markup a model was trained on, from its vocabulary (``token_id(str) -> int | None``):
     Gemma's turn markers, else ChatML's, else plain labels."""
     if token_id("<start_of_turn>") is not None:
