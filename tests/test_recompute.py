@@ -220,6 +220,19 @@ def test_segment_shift_moves_only_the_idle_reused_tokens_of_this_request(
     assert np.array_equal(before, after)  # the shift wrote into the request's own copy only
 
 
+def test_shift_sources_selected_leaves_out_the_overflow_and_tail(warm_llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At budget 0 only the overflow blocks and the tail run: with ``shift_sources="all"`` their
+    means move the idle reused tokens; with ``"selected"`` no segment has a source, so the KV is
+    exactly that of ``shift=0``."""
+    opts = {"budget": 0.0, "narrow_layer": 0}
+    layer = warm_llm.spec.num_layers - 1
+    k_off, v_off = layer_kv_after(warm_llm, monkeypatch, "blend", layer, shift=0.0, **opts)
+    k_all, _ = layer_kv_after(warm_llm, monkeypatch, "blend", layer, shift=0.5, **opts)
+    k_sel, v_sel = layer_kv_after(warm_llm, monkeypatch, "blend", layer, shift=0.5, shift_sources="selected", **opts)
+    assert not torch.equal(k_all, k_off)
+    assert torch.equal(k_sel, k_off) and torch.equal(v_sel, v_off)
+
+
 def test_narrowing_stages_are_validated_and_costed() -> None:
     """Stages sit at increasing layers after the selection; each larger set's extra layers count."""
     from sparsex.model_runner import SeqInput

@@ -30,12 +30,16 @@ def _spec(num_layers: int = 2, heads: int = 2, dim: int = 8) -> ModelSpec:
     )
 
 
-@pytest.mark.parametrize(("weight_v", "shrink"), [(None, 0.0), (0.0, 0.0), (0.2, 2.0)])
-def test_shift_adds_the_rotated_mean_correction_to_idle_tokens_only(weight_v: float | None, shrink: float) -> None:
+@pytest.mark.parametrize(("weight_v", "shrink", "excluded"),
+                         [(None, 0.0, ()), (0.0, 0.0, ()), (0.2, 2.0, ()), (None, 2.0, (5, 15))])
+def test_shift_adds_the_rotated_mean_correction_to_idle_tokens_only(
+    weight_v: float | None, shrink: float, excluded: tuple[int, ...],
+) -> None:
     """Sources' fresh keys differ from the cached ones by one unrotated vector per segment, rotated to
     each source's position; idle tokens of the segment must move by weight x that vector rotated to
     *their* positions (values by ``weight_v``, both scaled by m / (m + shrink) for a segment with m
-    sources). A segment with no running token, and non-reused tokens, stay as they were."""
+    sources). A segment with no running token, and non-reused tokens, stay as they were; so does a
+    segment whose only running tokens are ``excluded`` from the sources (``not_sources``)."""
     torch.manual_seed(0)
     spec = _spec()
     kv = KVCache(spec, num_blocks=4, block_size=8, dtype=torch.float32, device=torch.device("cpu"))
@@ -49,7 +53,8 @@ def test_shift_adds_the_rotated_mean_correction_to_idle_tokens_only(weight_v: fl
     reused[20:28] = True
     runs = [(2, 12), (14, 20), (20, 28)]
     k0, v0 = kv.k.clone(), kv.v.clone()
-    hook = segment_shift(kv, spec, table, reused, runs, weight, weight_v, shrink)
+    hook = segment_shift(kv, spec, table, reused, runs, weight, weight_v, shrink,
+                         torch.tensor(excluded, dtype=torch.int64) if excluded else None)
 
     running = torch.tensor([0, 1, 3, 5, 15, 28, 29])  # sources in runs 0 and 1; none in run 2
     slots = kv.slots(table, running)
@@ -65,17 +70,18 @@ def test_shift_adds_the_rotated_mean_correction_to_idle_tokens_only(weight_v: fl
 
     idle = reused.clone()
     idle[running] = False
+    sources = [sum(1 for q in qs if q not in excluded) for qs in ((3, 5), (15,))]  # per run with a runner
     for p in range(n):
         s = kv.slots(table, torch.tensor([p]))
         k_p, v_p, k_was, v_was = kv.k[layer][s][0], kv.v[layer][s][0], k0[layer][s][0], v0[layer][s][0]
         j = next((i for i, (a, b) in enumerate(runs) if a <= p < b), -1)
-        if idle[p] and j in (0, 1):
-            trust = (2, 1)[j] / ((2, 1)[j] + shrink)  # sources: 3 and 5 in run 0, 15 in run 1
+        if idle[p] and j in (0, 1) and sources[j]:
+            trust = sources[j] / (sources[j] + shrink)  # sources: 3 and 5 in run 0, 15 in run 1
             expect = k_was + trust * weight * torch.view_as_real(u[j] * rot[p]).flatten(-2)
             assert torch.allclose(k_p, expect, atol=1e-5), p
             wv = weight if weight_v is None else weight_v
             assert torch.allclose(v_p, v_was + trust * wv * w[j], atol=1e-6), p
-        else:  # running tokens (written later by the layer), run 2 (no source), non-reused tokens
+        else:  # running tokens (written later by the layer), runs with no source, non-reused tokens
             assert torch.equal(k_p, k_was) and torch.equal(v_p, v_was), p
     assert torch.equal(kv.k[0], k0[0]) and torch.equal(kv.v[0], v0[0])  # other layers untouched
 
@@ -93,6 +99,8 @@ def test_shift_weight_defaults_per_family_and_validates() -> None:
         ReuseOptions(shift_v=-0.1)
     with pytest.raises(ValueError, match="shift_shrink"):
         ReuseOptions(shift_shrink=-1)
+    with pytest.raises(ValueError, match="shift_sources"):
+        ReuseOptions(shift_sources="overflow")
 
 
 def test_narrow_layer_defaults_per_family_and_validates() -> None:

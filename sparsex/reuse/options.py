@@ -11,6 +11,8 @@ METHODS = ("none", "prefix", "naive", "epic", "cacheblend", "cacheblend-simple",
 builds (``LLM(planners=...)``); the server serves only these."""
 SERVING_METHODS = METHODS
 """What the server offers: the built-in methods, never an analysis-only one."""
+SHIFT_SOURCES = ("all", "selected")
+"""blend's ``shift_sources``: the running tokens a segment's shift is measured on."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,9 @@ class ReuseOptions:
     shift_shrink: blend: shrink each segment's mean toward 0 by ``m / (m + shift_shrink)``, where
         ``m`` is how many of its tokens ran: a mean over few tokens is trusted less (0 = off, the
         default: on the report split it fixed chat but cost RAG and agents, see docs/REUSE.md).
+    shift_sources: blend: which running tokens a segment's mean is taken over: ``"all"`` (the
+        default) or ``"selected"`` (only those the deviation picked: the overflow block after new
+        text and the tail do not count, so a segment that only runs its overflow gets no shift).
     namespace: tenant / cache salt; entries never cross namespaces.
     auto_segments: cut unannotated text into content-defined chunks that can be reused.
     register: publish freshly computed segments and prefix blocks into the cache.
@@ -82,6 +87,7 @@ class ReuseOptions:
     shift: float | None = None
     shift_v: float | None = None
     shift_shrink: float = 0.0
+    shift_sources: str = "all"
     namespace: str = ""
     auto_segments: bool = True
     register: bool = True
@@ -102,6 +108,8 @@ class ReuseOptions:
                 raise ValueError(f"{name} must be in [0, 1], got {w}")
         if self.shift_shrink < 0:
             raise ValueError(f"shift_shrink must be >= 0, got {self.shift_shrink}")
+        if self.shift_sources not in SHIFT_SOURCES:
+            raise ValueError(f"shift_sources must be one of {', '.join(SHIFT_SOURCES)}, got {self.shift_sources!r}")
         if self.filter_start < 1.0:
             raise ValueError(f"filter_start must be >= 1 (a multiple of the budget), got {self.filter_start}")
         if self.candidates < 1.0:

@@ -180,8 +180,9 @@ def shift_hook(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> KVA
     weight = shift_weight(opts, ctx.spec.family)
     if weight <= 0 and not opts.shift_v:
         return None
+    not_sources = recompute_extras(opts, sit, ctx) if opts.shift_sources == "selected" else None
     return segment_shift(ctx.kv, ctx.spec, sit.seq.block_table, sit.reused, sit.segment_runs, weight,
-                         opts.shift_v, opts.shift_shrink)
+                         opts.shift_v, opts.shift_shrink, not_sources)
 
 
 def plan_blend(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:

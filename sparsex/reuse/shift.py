@@ -34,17 +34,22 @@ def segment_means(delta: torch.Tensor, segment: torch.Tensor, num_segments: int)
 def segment_shift(
     kv: KVCache, spec: ModelSpec, block_table: list[int], reused: torch.Tensor,
     segment_runs: list[tuple[int, int]], weight: float, weight_v: float | None = None, shrink: float = 0.0,
+    not_sources: torch.Tensor | None = None,
 ) -> Callable[[int, SeqSlice, torch.Tensor, torch.Tensor], None]:
     """A ``before_write`` hook: before a layer overwrites the running reused tokens' cached K/V, add
     ``weight`` x the mean (fresh - cached) difference of each segment's running tokens to the cached
     K/V of that segment's tokens that do not run, in this request's blocks only. ``weight_v``: the
-    values' own weight (None = ``weight``); ``shrink``: see :func:`shift_corrections`."""
+    values' own weight (None = ``weight``); ``shrink``: see :func:`shift_corrections`;
+    ``not_sources``: positions that run but are left out of every mean (they still get no shift)."""
     dev = kv.k.device
     n = reused.numel()
     seg_of = torch.full((n,), -1, dtype=torch.int64)
     for j, (a, b) in enumerate(segment_runs):
         seg_of[a:b] = j
-    seg_of, reused = seg_of.to(dev), reused.to(dev)
+    src_of = seg_of.clone()
+    if not_sources is not None:
+        src_of[not_sources.cpu()] = -1
+    seg_of, src_of, reused = seg_of.to(dev), src_of.to(dev), reused.to(dev)
     # Everything that depends only on which tokens run (the same set in every layer after the
     # final selection) is computed once per set; rotations once per RoPE table (Gemma 3 has two).
     plan: dict[str, torch.Tensor] = {}
@@ -54,7 +59,7 @@ def segment_shift(
         if "positions" in plan and torch.equal(plan["positions"], positions):
             return plan
         rotations.clear()
-        seg = seg_of[positions]
+        seg = src_of[positions]
         src = seg >= 0
         counts = torch.bincount(seg[src], minlength=len(segment_runs))
         idle = reused.clone()
