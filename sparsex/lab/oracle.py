@@ -62,8 +62,9 @@ def plan_oracle(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> Re
 def plan_oracle_blend(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
     """``blend``'s pipeline with the true-error top-k as the final set: layer 0 dense, then
     ``I_nr`` + top-k + overflow + tail for every later layer, with the segment shift from layer 1."""
-    chosen = union(sit.i_nr, _oracle_top_k(opts, sit, ctx), recompute_extras(opts, sit, ctx))
-    return RecomputePlan(sit.seq, 1, chosen, adjust=shift_hook(opts, sit, ctx), adjust_from=1)
+    extras = recompute_extras(opts, sit, ctx)
+    chosen = union(sit.i_nr, _oracle_top_k(opts, sit, ctx), extras)
+    return RecomputePlan(sit.seq, 1, chosen, adjust=shift_hook(opts, sit, ctx, extras), adjust_from=1)
 
 
 LAB_PLANNERS: dict[str, Planner] = {"oracle": plan_oracle, "oracle-blend": plan_oracle_blend}

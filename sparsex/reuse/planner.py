@@ -175,12 +175,13 @@ def plan_sparsex(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> R
     return RecomputePlan(sit.seq, 0, sit.i_nr, select, 0)
 
 
-def shift_hook(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> KVAdjust | None:
-    """The segment shift with the family's (or the request's) weights and shrinkage; None when off."""
+def shift_hook(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext, extras: torch.Tensor) -> KVAdjust | None:
+    """The segment shift with the family's (or the request's) weights and shrinkage; None when off.
+    ``extras``: the plan's :func:`recompute_extras` (left out of the means with ``shift_sources="selected"``)."""
     weight = shift_weight(opts, ctx.spec.family)
     if weight <= 0 and not opts.shift_v:
         return None
-    not_sources = recompute_extras(opts, sit, ctx) if opts.shift_sources == "selected" else None
+    not_sources = extras if opts.shift_sources == "selected" else None
     return segment_shift(ctx.kv, ctx.spec, sit.seq.block_table, sit.reused, sit.segment_runs, weight,
                          opts.shift_v, opts.shift_shrink, not_sources)
 
@@ -210,7 +211,7 @@ def plan_blend(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> Rec
                                   _query_mass(sit, ctx, inp))
         return union(sit.i_nr, top_k_reused(scores, pool, k), extras)
 
-    adjust = shift_hook(opts, sit, ctx)
+    adjust = shift_hook(opts, sit, ctx, extras)
     return RecomputePlan(
         sit.seq, check, sit.i_nr, select, check, probe=True, restore=torch.nonzero(sit.reused).flatten(),
         stages=(NarrowStage(narrow_at, narrow_select),) if narrow else (),
