@@ -82,3 +82,33 @@ def test_markdown_tables_render_a_saved_run_without_a_model(tmp_path, capsys) ->
     assert main(["--from-json", str(saved), "--markdown", str(md)]) == 0
     assert md.read_text() == text
     assert "gap closed @16" in capsys.readouterr().out
+
+
+def test_saved_runs_of_the_same_items_merge_and_a_variant_takes_the_defaults_name(tmp_path) -> None:
+    from sparsex.lab.bench.evaluate import main, merge_saved
+
+    def saved(methods: tuple[tuple[str, float], ...], **head: object) -> dict:
+        runs = [_run(f"i{j}", m, kl * (j + 1), correct=True) for j in range(4) for m, kl in methods]
+        return {"model": "m", "split": "report", "seed": 1000, "style": "chatml", "summary": [],
+                "args": {"boot_seed": 0}, "runs": [r.__dict__ for r in runs], **head}
+
+    first = saved((("naive", 0.1), ("blend", 0.05), ("cacheblend", 0.08)))
+    second = saved((("naive", 0.1), ("blend:candidates=6", 0.02)))
+    merged = merge_saved([first, second], [["blend:candidates=6", "blend"]])
+    rows = {r["method"]: r for r in summarize([RunResult(**r) for r in merged["runs"]])}
+    assert list(rows) == ["naive", "cacheblend", "blend"]  # naive once; the variant replaced the old row
+    assert rows["blend"]["gap_closed"] == pytest.approx(0.8) and rows["blend"]["n"] == 4
+    assert rows["cacheblend"]["gap_closed"] == pytest.approx(0.2)
+    # runs that are not of the same items (a method's KL differs, or the split) do not merge
+    with pytest.raises(ValueError, match="disagree"):
+        merge_saved([first, saved((("naive", 0.11),))])
+    with pytest.raises(ValueError, match="split"):
+        merge_saved([first, saved((("naive", 0.1),), split="tune")])
+    with pytest.raises(ValueError, match="no method"):
+        merge_saved([first, second], [["blend:candidates=4", "blend"]])
+    a, b, md = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "t.md"
+    a.write_text(json.dumps(first))
+    b.write_text(json.dumps(second))
+    assert main(["--from-json", str(a), str(b), "--rename", "blend:candidates=6", "blend", "--markdown", str(md)]) == 0
+    table = md.read_text()
+    assert "| blend | 80% [80, 80] |" in table and "candidates" not in table

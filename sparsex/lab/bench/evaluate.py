@@ -53,11 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="out/eval.json")
     ap.add_argument("--plot", default=None, help="PNG of quality vs cost (first-token and 16-token gap, match)")
     ap.add_argument("--markdown", default=None, help="also write the tables as Markdown (docs/BENCHMARKS.md's layout)")
-    ap.add_argument("--from-json", default=None, metavar="JSON",
-                    help="run nothing: print (and --markdown / --plot) the tables of an earlier run's --out file")
+    ap.add_argument("--from-json", default=None, nargs="+", metavar="JSON",
+                    help="run nothing: print (and --markdown / --plot) the tables of earlier runs' --out files; "
+                         "several are merged per item (they must be runs of the same items and model)")
+    ap.add_argument("--rename", nargs=2, action="append", default=[], metavar=("FROM", "TO"),
+                    help="with --from-json: show method FROM as TO, in place of any TO already there "
+                         "(e.g. a variant that has since become the default)")
     args = ap.parse_args(argv)
     if args.from_json:
-        return _render(args, _saved_rows(json.loads(Path(args.from_json).read_text())))
+        saved = merge_saved([json.loads(Path(f).read_text()) for f in args.from_json], args.rename)
+        return _render(args, _saved_rows(saved))
+    if args.rename:
+        ap.error("--rename only applies to --from-json")
     seed = SPLIT_SEEDS[args.split] if args.seed is None else args.seed
     if args.split == "report" and args.n < HEADLINE_ITEMS:
         print(f"note: headline tables use >= {HEADLINE_ITEMS} items per workload (--n {args.n})", file=sys.stderr)
@@ -96,6 +103,46 @@ def markup_style(token_id: Callable[[str], int | None]) -> str:
     if token_id("<start_of_turn>") is not None:
         return "gemma"
     return "chatml" if token_id("<|im_start|>") is not None else "plain"
+
+
+SAME_ITEMS = ("model", "split", "seed", "style")
+"""What two saved runs must share (where both record it) to be merged item by item."""
+
+
+def merge_saved(saved: list[dict[str, Any]], renames: list[list[str]] | None = None) -> dict[str, Any]:
+    """One saved run out of several of the same items (``--from-json A B``), with methods renamed.
+
+    Quality columns are deterministic, so a method on an item found in two runs must give the same
+    KL in both (else the runs were not of the same items, model or code, and this raises); the
+    first run's copy is kept. A renamed method replaces the target's rows. TTFT stays each run's
+    own: medians of methods from different runs compare only if both ran on a quiet machine."""
+    if len(saved) == 1 and not renames:
+        return saved[0]
+    head = saved[0]
+    for other in saved[1:]:
+        for field in SAME_ITEMS:
+            if field in other and field in head and other[field] != head[field]:  # older runs lack "style"
+                raise ValueError(f"cannot merge runs with different {field}: {head.get(field)!r} vs {other.get(field)!r}")
+    if any(not s.get("runs") for s in saved):
+        raise ValueError("merging needs each run's per-item results ('runs'), which this file lacks")
+    merged: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for s in saved:
+        for run in s["runs"]:
+            key = (run["kind"], run["item"], run["method"])
+            if key in merged:
+                if abs(merged[key]["kl"] - run["kl"]) > 1e-6 * max(1.0, abs(run["kl"])):
+                    raise ValueError(f"runs disagree on {key}: KL {merged[key]['kl']} vs {run['kl']} "
+                                     "(not the same items, model or code)")
+                continue
+            merged[key] = run
+    runs = list(merged.values())
+    for src, dst in renames or []:
+        if src == dst:
+            raise ValueError(f"--rename: {src!r} to itself")
+        if not any(r["method"] == src for r in runs):
+            raise ValueError(f"--rename: no method {src!r} in these runs")
+        runs = [r if r["method"] != src else {**r, "method": dst} for r in runs if r["method"] != dst]
+    return {**head, "summary": [], "runs": runs, "merged_from": len(saved)}
 
 
 def _saved_rows(saved: dict[str, Any]) -> list[dict[str, Any]]:
