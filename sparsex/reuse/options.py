@@ -49,7 +49,10 @@ class ReuseOptions:
         ``check_layer..narrow_layer`` run for those candidates only, and K+V deviation plus the
         Sparse-Q mass at ``narrow_layer`` keeps the budget's top tokens (KV of the dropped
         candidates is put back). None = the family default (2 for Llama and Gemma 3), see docs/REUSE.md.
-    candidates: blend with ``narrow_layer``: size of the first stage, as a multiple of the budget.
+    candidates: blend with ``narrow_layer``: size of the first stage, as a multiple of the budget
+        (6 since session 11: chosen on the tune split of both models, where 3 missed tokens that
+        Gemma 3's agents need; on the report split level on SmolLM2 and ahead on Gemma 3, for
+        0.01-0.03 more cost, see docs/BENCHMARKS.md).
     shift: blend: weight of the segment shift (0 = off): in every layer after the final selection,
         the mean difference between fresh and cached K/V over a segment's recomputed tokens, times
         ``shift``, is added to the cached K/V of the segment's other tokens (this request's copy
@@ -83,7 +86,7 @@ class ReuseOptions:
     filter_layers: int = 3
     filter_start: float = 1.5
     narrow_layer: int | None = None
-    candidates: float = 3.0
+    candidates: float = 6.0
     shift: float | None = None
     shift_v: float | None = None
     shift_shrink: float = 0.0
