@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sparsex.kv_manager import auto_spans
-from sparsex.lab.quality import kl_divergence, run_greedy
+from sparsex.lab.quality import kl_divergence, run_greedy, to_parts
 from sparsex.lab.workloads import WorkItem
 from sparsex.model_runner import SeqInput
 from sparsex.models.base import SeqSlice, StepContext
@@ -33,12 +33,13 @@ def layer_kv_effect(
     every layer gives 0. Analysis only: it costs a full prefill per item.
     """
     for warm in item.warmup:
-        run_greedy(llm, warm, {"method": "none", "namespace": namespace}, 1)
+        run_greedy(llm, to_parts(llm, warm), {"method": "none", "namespace": namespace}, 1)
+    prompt = to_parts(llm, item.prompt)
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     kv, out = llm.kv, {}
     captured = []
     for method in ("none", "naive"):
-        req = llm.add_request(item.prompt, params, reuse={"method": method, "register": False, "namespace": namespace})
+        req = llm.add_request(prompt, params, reuse={"method": method, "register": False, "namespace": namespace})
         llm.step()  # the prefill: the request now holds the prompt's KV
         n = req.metrics.num_prompt_tokens
         slots = kv.slots(req.block_table, torch.arange(n, device=kv.k.device))
@@ -80,16 +81,17 @@ def late_start_effect(
     model, kv, num_layers, bs = llm.runner.model, llm.kv, llm.spec.num_layers, llm.pool.block_size
     if any(not 0 <= m < num_layers for m in starts):
         raise ValueError(f"start layers must be in [0, {num_layers})")
-    warm_states = [_layer_inputs(llm, warm, starts, namespace) for warm in item.warmup]
-    ref, _ = run_greedy(llm, item.prompt, {"method": "none", "register": False, "namespace": namespace}, 1)
+    warm_states = [_layer_inputs(llm, to_parts(llm, warm), starts, namespace) for warm in item.warmup]
+    prompt = to_parts(llm, item.prompt)
+    ref, _ = run_greedy(llm, prompt, {"method": "none", "register": False, "namespace": namespace}, 1)
 
     out: dict[str, tuple[float, float]] = {}
     for method in ("naive", "blend"):  # blend without the segment shift: these runs do not apply it
-        lp, res = run_greedy(llm, item.prompt, {"method": method, "shift": 0.0, "register": False, "namespace": namespace}, 1)
+        lp, res = run_greedy(llm, prompt, {"method": method, "shift": 0.0, "register": False, "namespace": namespace}, 1)
         out[method] = (kl_divergence(ref, lp), res.metrics.compute_fraction)
     assert res.recomputed_positions is not None
     chosen = torch.from_numpy(res.recomputed_positions)  # blend's, the last run
-    ids, explicit = llm.tokenizer.encode_prompt(item.prompt)
+    ids, explicit = llm.tokenizer.encode_prompt(prompt)
     n = len(ids)
     spans = list(explicit) + auto_spans(n, ids, list(explicit), namespace)
     _, _, hits = llm.cache.lookup(ids, spans, namespace, prefix=False, segments=True)

@@ -23,8 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sparsex.lab.stats import RESAMPLES, bootstrap_interval, gap_closed_of, mean_of
+from sparsex.lab.stats import RESAMPLES, bootstrap_interval, gap_closed_of, mean_of, median_of
 from sparsex.lab.workloads import WorkItem, answer_found
+from sparsex.lab.workloads.common import Markup, markup_style, render_chat
+from sparsex.lab.workloads.item import Chat, Prompt
+from sparsex.lab.workloads.scoring import answer_f1
 from sparsex.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -76,7 +79,10 @@ class RunResult:
     distribution. kl_forced: the same averaged over the first ``FORCED`` generated positions under
     teacher forcing (position 0 is ``kl``); kl_steps: per position. match_len: leading tokens of
     the greedy continuation equal to the reference's. correct: the answer appears in the
-    continuation (None when the item has no answer).
+    continuation (None when the item has no answer). f1: the continuation's answer F1 against the
+    item's gold answers (real benchmarks; None otherwise). found: the share of the prompt's
+    reusable tokens (see :func:`reusable_tokens`) served from cache. ttft_ratio: TTFT over the
+    reference's (full prefill) on the same item, in the same run.
     """
 
     item: str
@@ -93,6 +99,9 @@ class RunResult:
     prompt_tokens: int
     kl_forced: float = 0.0
     kl_steps: list[float] = field(default_factory=list)
+    f1: float | None = None
+    found: float | None = None
+    ttft_ratio: float | None = None
 
 
 def kl_divergence(ref: torch.Tensor, lp: torch.Tensor) -> float:
@@ -103,6 +112,34 @@ def kl_divergence(ref: torch.Tensor, lp: torch.Tensor) -> float:
 def step_kl(ref: torch.Tensor, lp: torch.Tensor) -> list[float]:
     """Per-position KL(reference || method) of two ``[n, V]`` log-probability tensors."""
     return [kl_divergence(a, b) for a, b in zip(ref, lp, strict=True)]
+
+
+FOUND_WINDOW = 16
+"""A prompt token is reusable when it lies in a run of this many tokens (one KV block) that also
+occurs in a warm-up prompt."""
+
+
+def to_parts(llm: LLM, prompt: Prompt) -> list[Any]:
+    """What the engine is sent for a work item's prompt: its parts, or a chat rendered by the
+    model's chat template (as the chat API does), or by the lab's markup for the model when it
+    has none."""
+    if not isinstance(prompt, Chat):
+        return list(prompt)
+    if llm.tokenizer.has_chat_template:
+        return llm.tokenizer.chat_parts(prompt.as_dicts())
+    return render_chat(prompt, Markup(markup_style(llm.tokenizer.token_id)))
+
+
+def reusable_tokens(prompt_ids: Sequence[int], warm_ids: Sequence[Sequence[int]], window: int = FOUND_WINDOW) -> int:
+    """Prompt tokens (the last one excluded: it is always computed) inside a run of ``window``
+    tokens that also occurs in one of the warm-up prompts: the most a lookup of cached runs at any
+    offset could find, whatever was registered."""
+    grams = {tuple(w[i : i + window]) for w in warm_ids for i in range(len(w) - window + 1)}
+    covered = [False] * len(prompt_ids)
+    for i in range(len(prompt_ids) - window + 1):
+        if tuple(prompt_ids[i : i + window]) in grams:
+            covered[i : i + window] = [True] * window
+    return sum(covered[:-1])
 
 
 def run_greedy(
@@ -148,36 +185,52 @@ def evaluate_item(
     compared with the reference's under teacher forcing (see the module docstring).
     """
     forced = max(1, min(forced, continuation))
+    prompt = to_parts(llm, item.prompt)
+    warm_ids = []
     for warm in item.warmup:
-        run_greedy(llm, warm, {"method": "none", "namespace": namespace}, 1)
-    ref_lps, ref = run_greedy(llm, item.prompt, {"method": "none", "register": False, "namespace": namespace},
+        parts = to_parts(llm, warm)
+        warm_ids.append(llm.tokenizer.encode_prompt(parts)[0])
+        run_greedy(llm, parts, {"method": "none", "namespace": namespace}, 1)
+    reusable = reusable_tokens(llm.tokenizer.encode_prompt(prompt)[0], warm_ids)
+    units = llm.tokenizer.encode if item.f1_units == "tokens" else str.split
+
+    def scored(text: str) -> tuple[bool | None, float | None]:
+        correct = None if item.answer is None else answer_found(item.answer, text)
+        return correct, (answer_f1(text, item.answers, units) if item.answers else None)
+
+    ref_lps, ref = run_greedy(llm, prompt, {"method": "none", "register": False, "namespace": namespace},
                               continuation, forced)
+    correct, f1 = scored(ref.text)
     out = [RunResult(
         item=item.name, kind=item.kind, method="none", top1=True, kl=0.0, match_len=len(ref.token_ids),
-        correct=None if item.answer is None else answer_found(item.answer, ref.text),
-        ttft_s=ref.metrics.ttft_s, compute_fraction=1.0, recomputed_fraction=1.0, segment_hit_fraction=0.0,
-        prompt_tokens=ref.metrics.num_prompt_tokens, kl_forced=0.0, kl_steps=[0.0] * forced,
+        correct=correct, ttft_s=ref.metrics.ttft_s, compute_fraction=1.0, recomputed_fraction=1.0,
+        segment_hit_fraction=0.0, prompt_tokens=ref.metrics.num_prompt_tokens, kl_forced=0.0,
+        kl_steps=[0.0] * forced, f1=f1, found=0.0, ttft_ratio=1.0,
     )]
     for spec in methods:
         reuse = {**spec.reuse, "register": False, "namespace": namespace}
-        lps, req = run_greedy(llm, item.prompt, reuse, continuation, forced)
+        lps, req = run_greedy(llm, prompt, reuse, continuation, forced)
         match = matching_prefix(req.token_ids, ref.token_ids)
         if match < forced - 1:  # its own tokens left the reference's path: feed the reference's back
-            lps = forced_logprobs(llm, item.prompt, reuse, ref.token_ids[:forced])
+            lps = forced_logprobs(llm, prompt, reuse, ref.token_ids[:forced])
         steps = step_kl(ref_lps, lps)
         m, n = req.metrics, req.metrics.num_prompt_tokens
+        hit = m.num_segment_hit_tokens + m.num_prefix_hit_tokens
+        correct, f1 = scored(req.text)
         out.append(RunResult(
             item=item.name, kind=item.kind, method=spec.label,
-            top1=req.token_ids[0] == ref.token_ids[0], kl=steps[0], match_len=match,
-            correct=None if item.answer is None else answer_found(item.answer, req.text),
+            top1=req.token_ids[0] == ref.token_ids[0], kl=steps[0], match_len=match, correct=correct,
             ttft_s=m.ttft_s, compute_fraction=m.compute_fraction,
             recomputed_fraction=m.num_recomputed_tokens / n, segment_hit_fraction=m.num_segment_hit_tokens / n,
-            prompt_tokens=n, kl_forced=statistics.mean(steps), kl_steps=steps,
+            prompt_tokens=n, kl_forced=statistics.mean(steps), kl_steps=steps, f1=f1,
+            found=min(1.0, hit / reusable) if reusable else None,
+            ttft_ratio=m.ttft_s / ref.metrics.ttft_s if ref.metrics.ttft_s > 0 else None,
         ))
     return out
 
 
-INTERVAL_METRICS = ("top1", "kl", "kl16", "gap_closed", "gap_closed16", "match32", "accuracy", "cost")
+INTERVAL_METRICS = ("top1", "kl", "kl16", "gap_closed", "gap_closed16", "match32", "accuracy", "cost", "f1",
+                    "found", "ttft_ratio")
 """Summary fields that get a bootstrap 95% interval (``row["ci"][field] = [lo, hi]``)."""
 
 
@@ -208,6 +261,13 @@ def summarize(results: list[RunResult], *, seed: int = 0, resamples: int = RESAM
         answered = [float(r.correct) for r in rs if r.correct is not None]
         if answered:
             series["accuracy"], sizes["accuracy"] = mean_of(answered), len(answered)
+        for name, values in (("f1", [r.f1 for r in rs]), ("found", [r.found for r in rs])):
+            known = [v for v in values if v is not None]
+            if known:
+                series[name], sizes[name] = mean_of(known), len(known)
+        ratios = [r.ttft_ratio for r in rs if r.ttft_ratio is not None]
+        if ratios:
+            series["ttft_ratio"], sizes["ttft_ratio"] = median_of(ratios), len(ratios)
         if paired:
             for name, attr in (("gap_closed", "kl"), ("gap_closed16", "kl_forced")):
                 series[name] = gap_closed_of([getattr(r, attr) for r in paired],
@@ -220,7 +280,8 @@ def summarize(results: list[RunResult], *, seed: int = 0, resamples: int = RESAM
             "kind": kind, "method": method, "n": len(rs),
             "top1": point["top1"], "kl": point["kl"], "kl16": point["kl16"],
             "gap_closed": point.get("gap_closed"), "gap_closed16": point.get("gap_closed16"),
-            "match32": point["match32"], "accuracy": point.get("accuracy"),
+            "match32": point["match32"], "accuracy": point.get("accuracy"), "f1": point.get("f1"),
+            "found": point.get("found"), "ttft_ratio": point.get("ttft_ratio"),
             "ttft_s": statistics.median(r.ttft_s for r in rs),
             "cost": point["cost"],
             "recomputed": statistics.mean(r.recomputed_fraction for r in rs),

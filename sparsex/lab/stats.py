@@ -51,6 +51,17 @@ def mean_of(values: Sequence[float]) -> Callable[[Sequence[int]], float | None]:
     return lambda idx: sum(values[i] for i in idx) / len(idx)
 
 
+def median_of(values: Sequence[float]) -> Callable[[Sequence[int]], float | None]:
+    """The statistic "median of ``values`` at the resampled indices"."""
+
+    def stat(idx: Sequence[int]) -> float | None:
+        picked = sorted(values[i] for i in idx)
+        mid = len(picked) // 2
+        return picked[mid] if len(picked) % 2 else (picked[mid - 1] + picked[mid]) / 2
+
+    return stat
+
+
 def gap_closed_of(kl: Sequence[float], naive_kl: Sequence[float]) -> Callable[[Sequence[int]], float | None]:
     """The statistic ``1 - mean(kl) / mean(naive_kl)`` over the same resampled items (paired)."""
 

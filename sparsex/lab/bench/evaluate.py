@@ -1,25 +1,28 @@
 """``sparsex eval``: quality and cost of every reuse method against full prefill, in one run.
 
-Items come from a *split*: ``tune`` (workload seed 0; every default was chosen on these items) or
-``report`` (seed 1000; headline tables only). Items depend only on (kind, seed, index), so the two
-splits never share an item: different document picks, orders, planted facts and questions (the
-passages are drawn from the same corpus). Every cell gets a seeded bootstrap 95% interval over its
-items; headline runs use ``--split report --n 32`` or more.
+Workloads are the real benchmarks (``musique``, ``musique-chat``, ``locomo``, ``locomo-plain``: the
+original files read from ``--data DIR``, split as the data's README says) or synthetic ones built from
+CPython's help text (``rag``, ``chat``, ``agents``, ...: items depend on (kind, seed, index); ``tune``
+is seed 0, ``report`` seed 1000; they draw passages from the same corpus, so the two synthetic
+splits can share passages). Every cell gets a seeded bootstrap 95% interval over its items;
+headline runs use ``--split report --n 32`` or more. ``--frontier`` sweeps every method over its own
+knob and plots quality against TTFT (``frontier.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sparsex.lab.bench.common import machine, print_table, write_json
+from sparsex.lab.bench.frontier import FRONTIER_METHODS, expand_sweeps, plot_frontier
 from sparsex.lab.stats import RESAMPLES
-from sparsex.lab.workloads.common import STYLES
+from sparsex.lab.workloads.common import STYLES, markup_style
 
 DEFAULT_METHODS = "naive,epic,cacheblend,sparsex:hybrid=false,sparsex,blend"
 SPLIT_SEEDS = {"tune": 0, "report": 1000}
@@ -40,8 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--doc-tokens", type=int, default=None,
                     help="tokens per document (default 300; lookup/combine: 80)")
     ap.add_argument("--num-docs", type=int, default=None, help="documents per item (default 6; lookup/combine: 4)")
-    ap.add_argument("--methods", default=DEFAULT_METHODS,
-                    help="comma-separated; options after ':' joined by '+', e.g. sparsex:hybrid=false+boundary=8")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated; options after ':' joined by '+', e.g. sparsex:hybrid=false+boundary=8; "
+                         "'|' sweeps a knob: blend:budget=0.05|0.1 (default: " + DEFAULT_METHODS + ")")
+    ap.add_argument("--frontier", action="store_true",
+                    help="sweep every method over its own knob (--methods defaults to the frontier set)")
+    ap.add_argument("--frontier-plot", default=None, help="PNG of quality against TTFT / full prefill")
+    ap.add_argument("--data", default=None,
+                    help="folder of the real benchmarks' files (musique_s.json, locomo.json); default $SPARSEX_DATA")
+    ap.add_argument("--max-tokens", type=int, default=None, help="locomo: prompt budget in tokens (default 4000)")
     ap.add_argument("--budgets", default="default",
                     help="comma-separated budgets (fraction of reused tokens); default: the model family's")
     ap.add_argument("--style", choices=("auto", *STYLES), default="auto",
@@ -65,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         return _render(args, _saved_rows(saved))
     if args.rename:
         ap.error("--rename only applies to --from-json")
+    if args.methods is None:
+        args.methods = FRONTIER_METHODS if args.frontier else DEFAULT_METHODS
     seed = SPLIT_SEEDS[args.split] if args.seed is None else args.seed
     if args.split == "report" and args.n < HEADLINE_ITEMS:
         print(f"note: headline tables use >= {HEADLINE_ITEMS} items per workload (--n {args.n})", file=sys.stderr)
@@ -73,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from sparsex.lab.oracle import LAB_PLANNERS
     from sparsex.lab.quality import evaluate_item, parse_method, summarize
     from sparsex.lab.workloads import DEFAULT_SIZES, make_workload
+    from sparsex.lab.workloads.real import REAL_WORKLOADS, real_workload
 
     llm = LLM(model=args.model, planners=LAB_PLANNERS, max_prefill_tokens=None)  # exact, unchunked reference
     budgets = [None if b.strip() == "default" else float(b) for b in args.budgets.split(",")]
@@ -81,9 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     t0 = time.perf_counter()
     for kind in args.workloads.split(","):
-        doc_tokens, num_docs = DEFAULT_SIZES.get(kind, (300, 6))
-        items = make_workload(kind, args.n, seed, doc_tokens=args.doc_tokens or doc_tokens,
-                              num_docs=args.num_docs or num_docs, style=style)
+        if kind in REAL_WORKLOADS:
+            data = args.data or os.environ.get("SPARSEX_DATA")
+            if not data:
+                ap.error(f"{kind} reads the original benchmark files: pass --data DIR (or set SPARSEX_DATA)")
+            extra = {} if args.max_tokens is None else {"max_tokens": args.max_tokens}
+            items = real_workload(kind, data, args.split, args.n,
+                                  count_tokens=lambda text: len(llm.tokenizer.encode(text)), **extra)
+        else:
+            doc_tokens, num_docs = DEFAULT_SIZES.get(kind, (300, 6))
+            items = make_workload(kind, args.n, seed, doc_tokens=args.doc_tokens or doc_tokens,
+                                  num_docs=args.num_docs or num_docs, style=style)
         for i, item in enumerate(items):
             results += evaluate_item(llm, item, methods, namespace=f"eval-{kind}-{i}",
                                      continuation=args.continuation, forced=args.forced)
@@ -95,14 +116,6 @@ def main(argv: list[str] | None = None) -> int:
                           "style": style,
                           "args": vars(args), "summary": rows, "runs": [r.__dict__ for r in results]})
     return _render(args, rows)
-
-
-def markup_style(token_id: Callable[[str], int | None]) -> str:
-    """The prompt markup a model was trained on, from its vocabulary (``token_id(str) -> int | None``):
-    Gemma's turn markers, else ChatML's, else plain labels."""
-    if token_id("<start_of_turn>") is not None:
-        return "gemma"
-    return "chatml" if token_id("<|im_start|>") is not None else "plain"
 
 
 SAME_ITEMS = ("model", "split", "seed", "style")
@@ -166,6 +179,8 @@ def _render(args: argparse.Namespace, rows: list[dict[str, Any]]) -> int:
         print(f"wrote {args.markdown}")
     if args.plot:
         plot_quality_cost(rows, args.plot)
+    if getattr(args, "frontier_plot", None):
+        plot_frontier(rows, args.frontier_plot)
     return 0
 
 
@@ -173,12 +188,13 @@ def _methods(text: str, budgets: list[float | None], parse: Any) -> list[Any]:
     """Method specs for every method and budget (naive once: it has no budget; None: the family's)."""
     methods: list[Any] = []
     for b in budgets:
-        for name in text.split(","):
-            spec = parse(name.replace("+", ","), budget=b)
-            tag = "default" if b is None else f"{b:g}"
-            label = name if len(budgets) == 1 or spec.reuse["method"] == "naive" else f"{name}@{tag}"
-            if not any(m.label == label for m in methods):
-                methods.append(type(spec)(label, spec.options))
+        for swept in text.split(","):
+            for name, method in expand_sweeps(swept):
+                spec = parse(method.replace("+", ","), budget=b)
+                tag = "default" if b is None else f"{b:g}"
+                label = name if len(budgets) == 1 or spec.reuse["method"] == "naive" else f"{name}@{tag}"
+                if not any(m.label == label for m in methods):
+                    methods.append(type(spec)(label, spec.options))
     return methods
 
 
@@ -198,17 +214,19 @@ def _print(rows: list[dict[str, Any]]) -> None:
         print(f"\n== {kind} ==")
         sub = [r for r in rows if r["kind"] == kind]
         print_table(
-            ["method", "n", "top1", "KL", "gap closed", "KL@16", "gap closed @16", "match/32", "acc",
-             "worse than naive", "TTFT s", "cost", "recomp"],
+            ["method", "n", "top1", "KL", "gap closed", "KL@16", "gap closed @16", "match/32", "acc", "F1",
+             "found", "worse than naive", "TTFT s", "TTFT/full", "cost", "recomp"],
             [[r["method"], r["n"], _fmt(r, "top1"), _fmt(r, "kl", 4), _fmt(r, "gap_closed"), _fmt(r, "kl16", 4),
-              _fmt(r, "gap_closed16"), _fmt(r, "match32", 1), _fmt(r, "accuracy"), _worse(r), r["ttft_s"],
-              _fmt(r, "cost"), r["recomputed"]] for r in sub],
+              _fmt(r, "gap_closed16"), _fmt(r, "match32", 1), _fmt(r, "accuracy"), _fmt(r, "f1"),
+              _fmt(r, "found"), _worse(r), r["ttft_s"], _fmt(r, "ttft_ratio"), _fmt(r, "cost"),
+              r["recomputed"]] for r in sub],
         )
 
 
 MD_COLUMNS = (("first-token gap closed", "gap_closed", True, 0), ("16-token gap closed", "gap_closed16", True, 0),
               ("KL (first)", "kl", False, 4), ("KL@16", "kl16", False, 4), ("match/32", "match32", False, 1),
-              ("accuracy", "accuracy", True, 0))
+              ("accuracy", "accuracy", True, 0), ("F1", "f1", True, 0), ("found", "found", True, 1),
+              ("TTFT / full", "ttft_ratio", False, 2))
 
 
 def _worse(row: dict[str, Any]) -> str:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import random
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 from sparsex.lab.workloads.corpus import Passage, passage_records
-from sparsex.lab.workloads.item import Part
+from sparsex.lab.workloads.item import Chat, Part
 from sparsex.segments import Segment
 
 T = TypeVar("T")
@@ -81,6 +81,14 @@ class Markup:
         if not lead:
             return opener
         return f"{opener} {lead}" if self.style == "plain" else f"{opener}{lead}"
+
+
+def markup_style(token_id: Callable[[str], int | None]) -> str:
+    """The prompt markup a model was trained on, from its vocabulary (``token_id(str) -> int | None``):
+    Gemma's turn markers, else ChatML's, else plain labels."""
+    if token_id("<start_of_turn>") is not None:
+        return "gemma"
+    return "chatml" if token_id("<|im_start|>") is not None else "plain"
 
 
 def item_rng(kind: str, seed: int, index: int) -> random.Random:
@@ -199,4 +207,26 @@ def stacked(header: Sequence[str], segments: Sequence[Segment], sep: str = "\n\n
     parts: list[Part] = []
     for j, (head, seg) in enumerate(zip(header, segments, strict=True)):
         parts.extend([sep if j else "", head, seg])
+    return merge(parts)
+
+
+def render_chat(chat: Chat, markup: Markup) -> list[Part]:
+    """``chat`` written in ``markup`` the way a chat template writes it: markers as plain text, every
+    message's content a segment, ending with the assistant's opener (for models without a template).
+    Gemma has no system role: the system text opens the first user turn."""
+    parts: list[Part] = []
+    user_open = False  # a user turn opened by the system text (gemma) takes the next user message
+    for role, content in chat.messages:
+        if role == "system":
+            if markup.style == "gemma":
+                parts += [markup.open("user"), Segment(content), "\n\n"]
+                user_open = True
+            else:
+                parts += [markup.open("system"), Segment(content), markup.close()]
+            continue
+        if not (user_open and role == "user"):
+            parts.append(markup.open(role))
+        user_open = False
+        parts += [Segment(content), markup.close()]
+    parts.append(markup.reply())
     return merge(parts)

@@ -11,6 +11,24 @@ from sparsex.segments import Segment
 Part: TypeAlias = str | Segment
 """One part of a prompt: plain text, or a reusable segment."""
 
+
+@dataclass(frozen=True)
+class Chat:
+    """A prompt sent as chat messages, the way a client of a chat API sends it: rendered at run time
+    by the model's chat template (every message a segment, as the server does), or, for a model
+    without one, by the lab's markup for it."""
+
+    messages: tuple[tuple[str, str], ...]
+    """``(role, content)`` pairs in order; roles ``system``, ``user``, ``assistant``."""
+
+    def as_dicts(self) -> list[dict[str, str]]:
+        return [{"role": role, "content": content} for role, content in self.messages]
+
+
+Prompt: TypeAlias = list[Part] | Chat
+"""A work item's prompt: parts (plain text and segments) or chat messages."""
+
+
 def answer_found(answer: str, text: str) -> bool:
     """The expected answer occurs in ``text`` (case-insensitive)."""
     return answer.lower() in text.lower()
@@ -28,14 +46,20 @@ class WorkItem:
 
     name: str
     """Unique within a workload, ``"{kind}-{index}"`` (e.g. ``"rag-3"``)."""
-    warmup: list[list[Part]]
+    warmup: list[Prompt]
     """Prompts to run first, in order, so that the reused segments are cached."""
-    prompt: list[Part]
+    prompt: Prompt
     """The test prompt; it ends with plain text (the question or instruction)."""
     answer: str | None
     """Expected answer substring of the continuation (a code, key, variable or word), else None."""
     kind: str
-    """The scenario: ``"rag"``, ``"chat"``, ``"agents"``, ``"needle"``, ``"vartrack"``, ``"cwe"`` or ``"fwe"``."""
+    """The scenario: ``"rag"``, ``"chat"``, ``"agents"``, ``"needle"``, ``"vartrack"``, ``"cwe"``,
+    ``"fwe"``, ``"lookup"``, ``"combine"``, or a real benchmark (``"musique"``, ``"locomo"``, ...)."""
+    answers: tuple[str, ...] = ()
+    """Gold answers of a real benchmark's question, scored by token F1 (``scoring.py``)."""
+    f1_units: str = "words"
+    """What the F1 counts: ``"words"`` (normalized words) or ``"tokens"`` (the model's tokens of
+    the normalized text, as CacheBlend's MuSiQue scorer does)."""
 
 
 def part_text(part: Part) -> str:
@@ -47,14 +71,18 @@ def part_text(part: Part) -> str:
     return part
 
 
-def prompt_text(parts: Sequence[Part]) -> str:
-    """The prompt as one string: the concatenation of its parts."""
-    return "".join(part_text(p) for p in parts)
+def prompt_text(prompt: Sequence[Part] | Chat) -> str:
+    """The prompt as one string: the concatenation of its parts (of a chat: its contents)."""
+    if isinstance(prompt, Chat):
+        return "".join(content for _, content in prompt.messages)
+    return "".join(part_text(p) for p in prompt)
 
 
-def segments_of(parts: Sequence[Part]) -> list[Segment]:
-    """The segments of a prompt, in order."""
-    return [p for p in parts if isinstance(p, Segment)]
+def segments_of(prompt: Sequence[Part] | Chat) -> list[Segment]:
+    """The segments of a prompt, in order (of a chat: one per message with text)."""
+    if isinstance(prompt, Chat):
+        return [Segment(content) for _, content in prompt.messages if content]
+    return [p for p in prompt if isinstance(p, Segment)]
 
 
 def reused_segments(item: WorkItem) -> list[Segment]:
@@ -78,7 +106,7 @@ def describe(item: WorkItem) -> dict[str, int | str]:
         "warmup_prompts": len(item.warmup),
         "warmup_segments": sum(len(segments_of(p)) for p in item.warmup),
         "warmup_chars": sum(len(prompt_text(p)) for p in item.warmup),
-        "prompt_parts": len(item.prompt),
+        "prompt_parts": len(item.prompt.messages) if isinstance(item.prompt, Chat) else len(item.prompt),
         "prompt_segments": len(segments),
         "reused_segments": len(reused),
         "prompt_chars": prompt_chars,

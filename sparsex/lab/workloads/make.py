@@ -72,5 +72,5 @@ def make_workload(
     items: list[WorkItem] = []
     for index in range(n):
         warmup, prompt, answer = _BUILDERS[kind](item_rng(kind, seed, index), params, seed, index)
-        items.append(WorkItem(f"{kind}-{index}", warmup, prompt, answer, kind))
+        items.append(WorkItem(f"{kind}-{index}", list(warmup), prompt, answer, kind))
     return items
