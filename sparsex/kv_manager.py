@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sparsex.cache import BlockPool, NoFreeBlocksError, PrefixCache, SegmentIndex, chunk_tokens
 from sparsex.request import Request
@@ -116,6 +116,28 @@ def seam_lost_tokens(spans: Sequence[SegmentSpan], hits: Sequence[SegmentReuse])
         if inside:
             lost += (s.end - s.start) - sum(b - a for a, b in inside)
     return lost
+
+
+def fresh_pieces(
+    spans: Sequence[SegmentSpan], runs: Sequence[tuple[int, int]], min_len: int = MIN_AUTO_CHUNK
+) -> list[SegmentSpan]:
+    """The parts of ``spans`` that no reused run ``[a, b)`` covers, each at least ``min_len`` tokens.
+
+    A segment found in part (an overlapping passage, a document after a seam) still holds tokens
+    that were computed here; each such piece becomes an entry of its own, so that a later prompt
+    finds it (shorter pieces could never be found: lookup needs a block's worth of tokens)."""
+    out: list[SegmentSpan] = []
+    for s in spans:
+        cursor = s.start
+        for a, b in sorted(runs):
+            if b <= cursor or a >= s.end:
+                continue
+            if a - cursor >= min_len:
+                out.append(replace(s, start=cursor, end=a))
+            cursor = max(cursor, b)
+        if s.end - cursor >= min_len:
+            out.append(replace(s, start=cursor, end=s.end))
+    return out
 
 
 def namespace_regions(start: int, end: int, spans: Sequence[SegmentSpan], ns: str) -> list[tuple[int, int, str]]:

@@ -119,10 +119,9 @@ class PlanRun:
 
 def run_plan(runner: ModelRunner, plan: RecomputePlan) -> PlanRun:
     """Run ``plan`` in one forward pass over the runner's model and KV."""
-    with torch.inference_mode():
-        if plan.dense_layers > 0 or plan.probe:
-            return _run_dense_first(runner, plan)
-        return _run_sparse(runner, plan)
+    run = PlanExecution(runner, plan).advance(None)
+    assert run is not None
+    return run
 
 
 class _Pass:
@@ -159,52 +158,96 @@ class _Pass:
         return self.model.compute_logits(x[-1:]).float()[0]
 
 
-def _run_dense_first(runner: ModelRunner, plan: RecomputePlan) -> PlanRun:
-    """Dense layers (or a probe) first, then the selected set, narrowed at each stage."""
-    ps, kv, s = _Pass(runner, plan), runner.kv, plan.seq
-    saved = _save_restore_kv(kv, plan)
-    stages = {st.layer: st for st in plan.stages}
-    chosen, sizes = plan.recompute, []
-    active = torch.arange(ps.start, s.ctx_len, device=ps.dev)
-    x = ps.model.embed(ps.tokens)
-    for i in range(ps.model.spec.num_layers):
-        if plan.probe and i == plan.select_layer:
-            assert plan.select is not None
-            chosen = ps.select_probe(plan.select, i, x, active)
-        if i == plan.dense_layers:
-            x, active = x[chosen - ps.start], chosen
-            if saved and plan.restore is not None and not stages:
-                _restore(kv, s.block_table, plan.restore, chosen, saved)
-        stage = stages.get(i)
-        select_here = plan.select is not None and not plan.probe and i == plan.select_layer
-        step = ps.context(active, i if select_here or stage else None, i)
-        x = ps.model.layer_forward(i, x, step)
+class PlanExecution:
+    """A plan being run, one layer at a time, resumable between engine steps.
+
+    ``advance(budget)`` runs layers until about ``budget`` token-layers have run (at least one
+    layer per call), so a long reuse prefill yields to other requests like a chunked full prefill
+    does; between calls the state is the next layer, the active tokens and their hidden states.
+    Layers run in order, each for its active set:
+
+        dense (or probe) first:  layers < dense_layers for every token, then the selected set,
+                                 narrowed at each stage
+        sparse with a selection: the selection layer and those below it for the initial set (a
+                                 first pass, run on the first call), then every layer for the set
+
+    Invariant: layers ``< self.layer`` hold their final KV for the active tokens (and, for dense
+    layers, every token); nothing else reads this request's blocks meanwhile.
+    """
+
+    def __init__(self, runner: ModelRunner, plan: RecomputePlan) -> None:
+        self.plan, self.ps = plan, _Pass(runner, plan)
+        self.num_layers = self.ps.model.spec.num_layers
+        self.dense_first = plan.dense_layers > 0 or plan.probe
+        self.stages = {st.layer: st for st in plan.stages}
+        self.sizes: list[int] = []
+        self.chosen = plan.recompute
+        self.layer = 0
+        self.first_pass = not self.dense_first and plan.select is not None  # sparse: select first
+        with torch.inference_mode():
+            self.saved = _save_restore_kv(runner.kv, plan) if self.dense_first else []
+            everything = torch.arange(self.ps.start, plan.seq.ctx_len, device=self.ps.dev)
+            self.active = everything if self.dense_first else self.chosen
+            self.x = self.ps.model.embed(self.ps.tokens[self.active - self.ps.start])
+
+    @property
+    def remaining_work(self) -> float:
+        """Token-layers still to run, estimated with the current active set for sparse layers."""
+        n, later = len(self.plan.seq.token_ids), range(self.layer, self.num_layers)
+        return float(sum(n if i < self.plan.dense_layers else int(self.active.numel()) for i in later))
+
+    def advance(self, budget: float | None) -> PlanRun | None:
+        """Run layers until ``budget`` token-layers are spent (None: to the end); the run once done."""
+        spent = 0.0
+        with torch.inference_mode():
+            if self.first_pass:
+                spent += self._select_first()
+            while self.layer < self.num_layers:
+                cost = float(self.active.numel() if self.layer != self.plan.dense_layers else self.chosen.numel())
+                if budget is not None and spent > 0 and spent + cost > budget:
+                    return None
+                self._run_layer(self.layer)
+                self.layer += 1
+                spent += cost
+            return PlanRun(self.ps.logits(self.x), self.active, tuple(self.sizes))
+
+    def _select_first(self) -> float:
+        """The sparse plan's first pass: its selection layer (and those below) for the initial set."""
+        ps, plan = self.ps, self.plan
+        assert plan.select is not None
+        x = self.x
+        for i in range(plan.select_layer + 1):
+            step = ps.context(self.chosen, i if i == plan.select_layer else None)
+            x = ps.model.layer_forward(i, x, step)
+        work = float((plan.select_layer + 1) * self.chosen.numel())
+        self.chosen = self.active = ps.select_captured(plan.select, plan.select_layer, step)
+        self.x = ps.model.embed(ps.tokens[self.chosen - ps.start])
+        self.first_pass = False
+        return work
+
+    def _run_layer(self, i: int) -> None:
+        ps, plan, kv = self.ps, self.plan, self.ps.kv
+        if self.dense_first:
+            if plan.probe and i == plan.select_layer:
+                assert plan.select is not None
+                self.chosen = ps.select_probe(plan.select, i, self.x, self.active)
+            if i == plan.dense_layers:
+                self.x, self.active = self.x[self.chosen - ps.start], self.chosen
+                if self.saved and plan.restore is not None and not self.stages:
+                    _restore(kv, plan.seq.block_table, plan.restore, self.chosen, self.saved)
+        stage = self.stages.get(i)
+        select_here = self.dense_first and plan.select is not None and not plan.probe and i == plan.select_layer
+        step = ps.context(self.active, i if select_here or stage else None, i)
+        self.x = ps.model.layer_forward(i, self.x, step)
         if select_here:
             assert plan.select is not None
-            chosen = ps.select_captured(plan.select, i, step)
+            self.chosen = ps.select_captured(plan.select, i, step)
         elif stage is not None:
-            sizes.append(int(active.numel()))
-            keep = torch.isin(active, ps.select_captured(stage.select, i, step))
-            x, active = x[keep], active[keep]
-            if saved and plan.restore is not None:
-                _restore(kv, s.block_table, plan.restore, active, saved)
-    return PlanRun(ps.logits(x), active, tuple(sizes))
-
-
-def _run_sparse(runner: ModelRunner, plan: RecomputePlan) -> PlanRun:
-    """No dense layer: optionally select at ``select_layer`` from the initial set, then run the set."""
-    ps = _Pass(runner, plan)
-    chosen = plan.recompute
-    if plan.select is not None:  # run the select layer for the initial set only, then choose
-        x = ps.model.embed(ps.tokens[chosen - ps.start])
-        for i in range(plan.select_layer + 1):
-            step = ps.context(chosen, i if i == plan.select_layer else None)
-            x = ps.model.layer_forward(i, x, step)
-        chosen = ps.select_captured(plan.select, plan.select_layer, step)
-    x = ps.model.embed(ps.tokens[chosen - ps.start])
-    for i in range(ps.model.spec.num_layers):
-        x = ps.model.layer_forward(i, x, ps.context(chosen, None, i))
-    return PlanRun(ps.logits(x), chosen)
+            self.sizes.append(int(self.active.numel()))
+            keep = torch.isin(self.active, ps.select_captured(stage.select, i, step))
+            self.x, self.active = self.x[keep], self.active[keep]
+            if self.saved and plan.restore is not None:
+                _restore(kv, plan.seq.block_table, plan.restore, self.active, self.saved)
 
 
 def _save_restore_kv(kv: KVCache, plan: RecomputePlan) -> list[tuple[int, torch.Tensor, torch.Tensor]]:

@@ -1,15 +1,16 @@
 """A request's prefill with reuse: load the admitted hits, plan, run, publish.
 
-    Admission (hits, blocks) ─▶ SegmentStore.load ─▶ plan_prefill ─▶ run_plan ─▶ SegmentStore.publish
+    Admission (hits, blocks) ─▶ SegmentStore.load ─▶ plan_prefill ─▶ PlanExecution ─▶ SegmentStore.publish
                                   copy + realign      RecomputePlan    PlanRun      fresh KV only
 
 ``Prefiller`` is given its dependencies (the segment store, the model runner, the planners) and
 returns a ``PrefillResult``; it never reaches back into the engine.
 
-A prefill that recomputes everything after the exact prefix (``none``, ``prefix``, or a prompt
-that reused nothing) is *chunked*: ``PrefillTask.advance`` runs at most a given number of tokens
-through every layer per call (vLLM's chunked prefill), so the engine can interleave other
-requests' steps. A sparse plan (reuse) runs in one call: its cost is already a fraction.
+Every prefill is *chunked*, so the engine can interleave other requests' steps between calls of
+``PrefillTask.advance``: one that recomputes everything after the exact prefix (``none``, ``prefix``,
+or a prompt that reused nothing) runs at most a given number of tokens through every layer per call
+(vLLM's chunked prefill); a sparse plan (reuse) runs its next layers, as many as about the same
+number of token-layers allows (``PlanExecution``).
 
     prompt   [ exact prefix | chunk 1 | chunk 2 | ... | chunk k ]   each chunk: all layers,
                               advance   advance         advance     attending over the KV before it
@@ -24,11 +25,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparsex.kv_manager import Admission
+from sparsex.kv_manager import Admission, fresh_pieces
 from sparsex.model_runner import ModelRunner, SeqInput
 from sparsex.models.base import ModelSpec
 from sparsex.request import PinSpec
-from sparsex.reuse.executor import PlanRun, RecomputePlan, compute_fraction, run_plan
+from sparsex.reuse.executor import PlanExecution, PlanRun, RecomputePlan, compute_fraction
 from sparsex.reuse.options import ReuseOptions
 from sparsex.reuse.planner import PLANNERS, PlanContext, Planner, ReuseSituation, plan_prefill
 from sparsex.reuse.store import SegmentStore
@@ -99,10 +100,8 @@ class Prefiller:
             hit_sources[h.span.source] += h.num_tokens
         if opts.register:
             first_reused = min((a for a, _ in adm.runs), default=n)
-            fresh = [
-                s for s in adm.spans
-                if not bool(reused[s.start : s.end].any()) and (s.end <= first_reused or opts.register_after_reuse)
-            ]
+            fresh = [s for s in fresh_pieces(adm.spans, adm.runs)
+                     if s.end <= first_reused or opts.register_after_reuse]
             self.store.publish(ids, table, opts.namespace, first_reused, fresh)
         return PrefillResult(
             logits=run.logits, recomputed=run.recomputed, num_prefix_hit_tokens=start,
@@ -124,35 +123,44 @@ class Prefiller:
 class PrefillTask:
     """One request's prefill in progress: hits loaded, plan made; ``advance`` runs it.
 
-    Invariant: ``done`` prompt positions have their KV in every layer (starting at the exact prefix).
+    A full recompute runs in token chunks (every layer for the next tokens); a sparse plan runs in
+    layer chunks (``PlanExecution``) of about the same work. Invariant: ``done`` prompt positions
+    have their KV in every layer (starting at the exact prefix; a sparse plan completes all at once).
     """
 
     def __init__(self, prefiller: Prefiller, ids: list[int], opts: ReuseOptions, adm: Admission) -> None:
         self.prefiller, self.ids, self.opts, self.adm = prefiller, ids, opts, adm
         self.plan, self.reused, self.load_s = prefiller._load_and_plan(ids, opts, adm)
         self.done = adm.prefix_len
-        p = self.plan
+        p, layers = self.plan, prefiller.spec.num_layers
         # A full recompute (every layer dense, nothing to select) can run in token chunks.
-        self.chunkable = p.dense_layers == prefiller.spec.num_layers and p.select is None and p.adjust is None
+        self.chunkable = p.dense_layers == layers and p.select is None and p.adjust is None
+        self.execution = None if self.chunkable else PlanExecution(prefiller.runner, p)
 
     @property
     def num_remaining(self) -> int:
+        """Prompt tokens left to prefill (a sparse plan: its remaining work in full-prefill tokens)."""
+        if self.execution is not None:
+            return -(-int(self.execution.remaining_work) // self.prefiller.spec.num_layers)
         return len(self.ids) - self.done
 
     def advance(self, max_tokens: int | None) -> PrefillResult | None:
-        """Run up to ``max_tokens`` more prompt tokens through every layer (None: all of them; a
-        sparse plan always runs whole). Returns the result once the prompt is done, else None."""
+        """Run about ``max_tokens`` more prompt tokens' worth of work (None: all of it): the next
+        tokens through every layer, or a sparse plan's next layers for as many token-layers.
+        Returns the result once the prompt is done, else None."""
         n = len(self.ids)
-        if not self.chunkable or max_tokens is None or self.num_remaining <= max_tokens:
-            if self.chunkable and self.done > self.adm.prefix_len:  # the last chunk
-                logits = self._chunk(n)
-                run = PlanRun(logits, torch.arange(self.adm.prefix_len, n))
-            else:
-                run = run_plan(self.prefiller.runner, self.plan)
-            self.done = n
-            return self.prefiller._finish(self.ids, self.opts, self.adm, self.plan, run, self.reused, self.load_s)
-        self._chunk(self.done + max_tokens)
-        return None
+        if self.execution is not None:
+            budget = None if max_tokens is None else float(max_tokens * self.prefiller.spec.num_layers)
+            run = self.execution.advance(budget)
+            if run is None:
+                return None
+        elif max_tokens is None or self.num_remaining <= max_tokens:
+            run = PlanRun(self._chunk(n), torch.arange(self.adm.prefix_len, n))
+        else:
+            self._chunk(self.done + max_tokens)
+            return None
+        self.done = n
+        return self.prefiller._finish(self.ids, self.opts, self.adm, self.plan, run, self.reused, self.load_s)
 
     def _chunk(self, end: int) -> torch.Tensor:
         """Positions ``done..end-1`` through every layer; logits [V] of position ``end - 1``."""
