@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from sparsex.models.base import ModelSpec
+from sparsex.models.base import KVRead, ModelSpec
+
+MAX_READ_RUNS = 8
+"""A sequence whose blocks form at most this many runs of consecutive blocks is read as slices
+(attended in place); a more scattered one through a gather index."""
 
 
 class KVCache:
@@ -43,16 +47,31 @@ class KVCache:
         table = torch.tensor(block_table, dtype=torch.int64, device=positions.device)
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
-    def reader(self, block_table: list[int], ctx_len: int, device: torch.device) -> slice | torch.Tensor:
-        """How to read positions 0..ctx_len-1: a zero-copy slice if the blocks are consecutive."""
-        nb = -(-ctx_len // self.block_size)
-        used = block_table[:nb]
-        if used and used == list(range(used[0], used[0] + nb)):
-            start = used[0] * self.block_size
-            return slice(start, start + ctx_len)
-        return self.slots(block_table, torch.arange(ctx_len, device=device))
+    def reader(self, block_table: list[int], ctx_len: int, device: torch.device) -> KVRead:
+        """How to read positions 0..ctx_len-1 (see :data:`KVRead`)::
 
-    def read(self, layer: int, read: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            table [7, 8, 9, 2, 3]   bs = 4, ctx_len = 18   ->  (slice(28, 40), slice(8, 14))
+                   └ run ┘ └run┘                                blocks 7-9       2-3 (6 positions)
+        """
+        bs, nb = self.block_size, -(-ctx_len // self.block_size)
+        runs: list[list[int]] = []  # [first block, number of blocks]
+        for b in block_table[:nb]:
+            if runs and b == runs[-1][0] + runs[-1][1]:
+                runs[-1][1] += 1
+            else:
+                runs.append([b, 1])
+        if len(runs) > MAX_READ_RUNS:
+            return self.slots(block_table, torch.arange(ctx_len, device=device))
+        slices, left = [], ctx_len
+        for first, count in runs:
+            size = min(count * bs, left)
+            slices.append(slice(first * bs, first * bs + size))
+            left -= size
+        return slices[0] if len(slices) == 1 else tuple(slices)
+
+    def read(self, layer: int, read: KVRead) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(read, tuple):
+            return torch.cat([self.k[layer][r] for r in read]), torch.cat([self.v[layer][r] for r in read])
         return self.k[layer][read], self.v[layer][read]
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -53,6 +53,12 @@ class CausalLM(Protocol):
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
+KVRead = slice | tuple[slice, ...] | torch.Tensor
+"""How a sequence's KV is read from the flat slot storage, in position order: one slice (its blocks
+are consecutive: a zero-copy view), a few slices (runs of consecutive blocks, e.g. shared prefix
+blocks then its own: attention reads each in place), or a gather index of slots."""
+
+
 @dataclass
 class SeqSlice:
     """One sequence's active tokens inside a flat forward step.
@@ -60,8 +66,7 @@ class SeqSlice:
     start/end: rows [start, end) of the flat hidden-state tensor.
     positions: [n] absolute positions of the active tokens, ascending.
     slots: [n] flat KV slots the active tokens write to.
-    read: how to read the sequence's whole KV (positions 0..ctx_len-1): a slice of the flat storage
-        when its blocks are consecutive, else a [ctx_len] gather index.
+    read: how to read the sequence's whole KV (positions 0..ctx_len-1), see :data:`KVRead`.
     ctx_len: number of KV positions visible after this step.
     """
 
@@ -69,7 +74,7 @@ class SeqSlice:
     end: int
     positions: torch.Tensor
     slots: torch.Tensor
-    read: slice | torch.Tensor
+    read: KVRead
     ctx_len: int
 
     @property
@@ -84,8 +89,8 @@ class KVStorage(Protocol):
     Declared here, where the models need it, so that models never import the storage module.
     """
 
-    def read(self, layer: int, read: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V of layer ``layer`` at ``read`` (a slice of slots or a slot index): [T, Hkv, D] each."""
+    def read(self, layer: int, read: KVRead) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of layer ``layer`` at ``read``: [T, Hkv, D] each (a view for one slice, else a copy)."""
         ...
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
