@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks (tables + JSON)")
-    p.add_argument("which", choices=["prefill", "reuse", "serve", "layers", "store"])
+    p.add_argument("which", choices=["prefill", "reuse", "serve", "layers", "store", "seams"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
 

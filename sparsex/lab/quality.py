@@ -130,16 +130,23 @@ def to_parts(llm: LLM, prompt: Prompt) -> list[Any]:
     return render_chat(prompt, Markup(markup_style(llm.tokenizer.token_id)))
 
 
-def reusable_tokens(prompt_ids: Sequence[int], warm_ids: Sequence[Sequence[int]], window: int = FOUND_WINDOW) -> int:
-    """Prompt tokens (the last one excluded: it is always computed) inside a run of ``window``
-    tokens that also occurs in one of the warm-up prompts: the most a lookup of cached runs at any
-    offset could find, whatever was registered."""
+def reusable_mask(prompt_ids: Sequence[int], warm_ids: Sequence[Sequence[int]], window: int = FOUND_WINDOW) -> list[bool]:
+    """Per prompt position: inside a run of ``window`` tokens that also occurs in one of the warm-up
+    prompts (the last position never: it is always computed). The most a lookup of cached runs at
+    any offset could find, whatever was registered."""
     grams = {tuple(w[i : i + window]) for w in warm_ids for i in range(len(w) - window + 1)}
-    covered = [False] * len(prompt_ids)
+    mask = [False] * len(prompt_ids)
     for i in range(len(prompt_ids) - window + 1):
         if tuple(prompt_ids[i : i + window]) in grams:
-            covered[i : i + window] = [True] * window
-    return sum(covered[:-1])
+            mask[i : i + window] = [True] * window
+    if mask:
+        mask[-1] = False
+    return mask
+
+
+def reusable_tokens(prompt_ids: Sequence[int], warm_ids: Sequence[Sequence[int]], window: int = FOUND_WINDOW) -> int:
+    """How many prompt tokens :func:`reusable_mask` marks."""
+    return sum(reusable_mask(prompt_ids, warm_ids, window))
 
 
 def run_greedy(
@@ -177,9 +184,11 @@ def matching_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 def evaluate_item(
     llm: LLM, item: WorkItem, methods: list[MethodSpec], namespace: str, continuation: int = 32,
-    forced: int = FORCED,
+    forced: int = FORCED, warm: dict[str, Any] | None = None,
 ) -> list[RunResult]:
-    """Warm the cache with ``item.warmup``, then run the reference and every method.
+    """Warm the cache with ``item.warmup`` (served with the reuse options ``warm``; default a full
+    prefill, so every cached segment is exact in its own context), then run the reference and
+    every method.
 
     Each method's next-token distributions at the first ``forced`` generated positions are
     compared with the reference's under teacher forcing (see the module docstring).
@@ -187,10 +196,10 @@ def evaluate_item(
     forced = max(1, min(forced, continuation))
     prompt = to_parts(llm, item.prompt)
     warm_ids = []
-    for warm in item.warmup:
-        parts = to_parts(llm, warm)
+    for warm_prompt in item.warmup:
+        parts = to_parts(llm, warm_prompt)
         warm_ids.append(llm.tokenizer.encode_prompt(parts)[0])
-        run_greedy(llm, parts, {"method": "none", "namespace": namespace}, 1)
+        run_greedy(llm, parts, {"method": "none", **(warm or {}), "namespace": namespace}, 1)
     reusable = reusable_tokens(llm.tokenizer.encode_prompt(prompt)[0], warm_ids)
     units = llm.tokenizer.encode if item.f1_units == "tokens" else str.split
 

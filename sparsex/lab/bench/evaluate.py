@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=None,
                     help="folder of the real benchmarks' files (musique_s.json, locomo.json); default $SPARSEX_DATA")
     ap.add_argument("--max-tokens", type=int, default=None, help="locomo: prompt budget in tokens (default 4000)")
+    ap.add_argument("--warm", default="none",
+                    help="reuse method (and options, as in --methods) serving the warm-up prompts; default none: "
+                         "every cached segment is exact in its own context")
     ap.add_argument("--budgets", default="default",
                     help="comma-separated budgets (fraction of reused tokens); default: the model family's")
     ap.add_argument("--style", choices=("auto", *STYLES), default="auto",
@@ -91,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     budgets = [None if b.strip() == "default" else float(b) for b in args.budgets.split(",")]
     methods = _methods(args.methods, budgets, parse_method)
     style = args.style if args.style != "auto" else markup_style(llm.tokenizer.token_id)
+    warm = parse_method(args.warm.replace("+", ",")).reuse
     results = []
     t0 = time.perf_counter()
     for kind in args.workloads.split(","):
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                                   num_docs=args.num_docs or num_docs, style=style)
         for i, item in enumerate(items):
             results += evaluate_item(llm, item, methods, namespace=f"eval-{kind}-{i}",
-                                     continuation=args.continuation, forced=args.forced)
+                                     continuation=args.continuation, forced=args.forced, warm=warm)
             print(f"  {kind} {i + 1}/{len(items)} done ({time.perf_counter() - t0:.0f}s)", file=sys.stderr,
                   flush=True)
     rows = summarize(results, seed=args.boot_seed, resamples=args.resamples)
