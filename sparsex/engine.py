@@ -77,7 +77,7 @@ class LLM(Outputs, PinnedSegments):
         if self.config.kv_dtype not in DTYPES:
             raise ValueError(f"kv_dtype must be one of {sorted(DTYPES)}, got {self.config.kv_dtype!r}")
         self.device = torch.device(device)
-        self.model_path = resolve_model(model)
+        self.model_path = resolve_model(model, self.config.revision)
         self.model, self.hf_config = load_model(self.model_path, self.device)
         self.spec: ModelSpec = self.model.spec  # type: ignore[assignment]
         self.model_name = model or "smollm2"

@@ -27,7 +27,10 @@ def parse_memory(text: str) -> int | float:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="alias, .gguf file or model folder (default: smollm2)")
+    parser.add_argument("--model", default=None,
+                        help="alias, .gguf file, model folder, or Hugging Face Hub id (org/name, "
+                             "org/name:file.gguf; HF_TOKEN, HF_HOME, HF_HUB_OFFLINE apply) (default: smollm2)")
+    parser.add_argument("--revision", default=None, help="branch, tag or commit of a Hub model (default: main)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--reuse", choices=reuse_methods(), default=None,
@@ -109,7 +112,7 @@ def serve_main(args: argparse.Namespace) -> None:
     kwargs = {} if args.kv_cache_memory is None else {"kv_cache_memory": args.kv_cache_memory}
     kwargs.update(store_kwargs(args))
     kwargs.update(prefill_kwargs(args))
-    llm = LLM(model=args.model, device=args.device, **kwargs)
+    llm = LLM(model=args.model, device=args.device, revision=getattr(args, "revision", None), **kwargs)
     app = create_app(llm, config)
     # uvicorn's own graceful timeout only matters after the drain, when nothing is left to wait for.
     uv = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
