@@ -72,6 +72,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                        help="byte budget of the disk tier (e.g. 20G; default 8G)")
     store.add_argument("--kv-store-dtype", choices=["bfloat16", "float16", "float32"], default=None,
                        help="K/V dtype in the tiers (default bfloat16; float32 is bitwise)")
+    ev = parser.add_argument_group("KV events for KV-aware routers, in vLLM's format (see docs/DEPLOYMENT.md)")
+    ev.add_argument("--kv-events", default=None, metavar="ENDPOINT",
+                    help="publish every block stored / evicted / cleared (pool, disk, Redis) on a ZMQ PUB "
+                         "socket bound here, e.g. tcp://*:5557 or tcp://127.0.0.1:5557")
+    ev.add_argument("--kv-events-replay", default=None, metavar="ENDPOINT",
+                    help="ZMQ ROUTER endpoint where subscribers ask for missed batches (e.g. tcp://*:5558)")
+    ev.add_argument("--kv-events-topic", default="", help="topic frame of every message (default: empty)")
+    ev.add_argument("--kv-events-token-ids", action="store_true",
+                    help="publish token ids of every namespace's blocks (default: only of the shared one; "
+                         "tenants' blocks carry hashes only)")
+    ev.add_argument("--kv-events-hash-seed", default=None, metavar="SEED",
+                    help="vLLM's PYTHONHASHSEED for block hashes (default: $PYTHONHASHSEED, else 0)")
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
@@ -112,6 +124,7 @@ def serve_main(args: argparse.Namespace) -> None:
     kwargs = {} if args.kv_cache_memory is None else {"kv_cache_memory": args.kv_cache_memory}
     kwargs.update(store_kwargs(args))
     kwargs.update(prefill_kwargs(args))
+    kwargs.update(events_kwargs(args))
     llm = LLM(model=args.model, device=args.device, revision=getattr(args, "revision", None), **kwargs)
     app = create_app(llm, config)
     # uvicorn's own graceful timeout only matters after the drain, when nothing is left to wait for.
@@ -128,6 +141,20 @@ def store_kwargs(args: argparse.Namespace) -> dict[str, object]:
     if isinstance(out["kv_disk_bytes"], float):
         raise ValueError("--kv-disk-bytes is a size (20G), not a fraction")
     return {k: v for k, v in out.items() if v is not None}
+
+
+def events_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    """``LLM``'s ``kv_events`` from the ``--kv-events*`` flags, if ``--kv-events`` was given."""
+    from sparsex.kvevents import KVEventsConfig
+
+    endpoint = getattr(args, "kv_events", None)
+    if endpoint is None:
+        given = [f for f in ("kv_events_replay", "kv_events_hash_seed") if getattr(args, f, None) is not None]
+        if given or getattr(args, "kv_events_token_ids", False) or getattr(args, "kv_events_topic", ""):
+            raise ValueError("the --kv-events-* options need --kv-events ENDPOINT")
+        return {}
+    return {"kv_events": KVEventsConfig(endpoint, args.kv_events_replay, args.kv_events_topic,
+                                        args.kv_events_token_ids, args.kv_events_hash_seed)}
 
 
 def prefill_kwargs(args: argparse.Namespace) -> dict[str, object]:
