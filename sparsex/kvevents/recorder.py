@@ -89,6 +89,11 @@ class KVEventRecorder:
 
     # ----- lifecycle ----------------------------------------------------------------------------------
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` ran and the publisher thread has stopped."""
+        return self._closing and not self._thread.is_alive()
+
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every change reported so far is published; False if ``timeout`` ran out."""
         q = self._queue
