@@ -115,7 +115,7 @@ class Replica:
 class KVRouter:
     """Subscribes to every replica's KV events and scores prompts against what each one holds."""
 
-    def __init__(self, replicas: dict[str, tuple[str, str | None]], block_size: int = 16, seed: str = "0",
+    def __init__(self, replicas: dict[str, tuple[str, str | None]], block_size: int = 16, seed: str = "vllm-none-hash",
                  topic: str = "") -> None:
         """``replicas``: name -> (PUB endpoint, replay endpoint or None); ``seed``: the replicas'
         ``--kv-events-hash-seed`` (vLLM's PYTHONHASHSEED); ``topic``: their ``--kv-events-topic``."""
@@ -177,7 +177,7 @@ class KVRouter:
         """vLLM's sha256_cbor chain; the namespace is the first block's cache_salt."""
         bs, parent, out = self.block_size, self.none_hash, []
         for i in range(len(token_ids) // bs):
-            extra = (namespace,) if i == 0 and namespace else None
+            extra = (("cache_salt", namespace),) if i == 0 and namespace else None
             parent = _sha256_cbor((parent, tuple(token_ids[i * bs : (i + 1) * bs]), extra))
             out.append(_int(parent))
         return out
@@ -185,7 +185,7 @@ class KVRouter:
     def window_hashes(self, token_ids: list[int], namespace: str = "") -> list[int]:
         """The segment hash of the B-token window at every offset."""
         bs = self.block_size
-        extra = (SEGMENT_KEY, namespace) if namespace else (SEGMENT_KEY,)
+        extra = (SEGMENT_KEY, ("cache_salt", namespace)) if namespace else (SEGMENT_KEY,)
         return [_int(_sha256_cbor((self.none_hash, tuple(token_ids[o : o + bs]), extra)))
                 for o in range(len(token_ids) - bs + 1)]
 
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                                                      "(else each line is a JSON list of token ids)")
     p.add_argument("--namespace", default="", help="engine namespace of the prompts")
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--seed", default="0", help="the replicas' --kv-events-hash-seed")
+    p.add_argument("--seed", default="vllm-none-hash", help="the replicas' --kv-events-hash-seed")
     p.add_argument("--topic", default="")
     args = p.parse_args(argv)
     replicas = {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from sparsex.kvevents.hashing import DEFAULT_SEED
+
 
 @dataclass(frozen=True)
 class KVEventsConfig:
@@ -19,8 +21,9 @@ class KVEventsConfig:
     token_ids: publish the token ids of blocks in every namespace. Off (the default), only blocks of
         the shared namespace ``""`` carry their token ids; a tenant's (any other namespace) carry
         hashes only, so no subscriber learns another tenant's text. Namespaces are never published.
-    hash_seed: vLLM's ``PYTHONHASHSEED``: the seed of the first block's parent hash (None: this
-        process's ``PYTHONHASHSEED``, else ``"0"``). Routers must use the same value.
+    hash_seed: the seed of a chain's first parent hash, vLLM's ``PYTHONHASHSEED`` (None: this
+        process's ``PYTHONHASHSEED``, else vLLM's default ``"vllm-none-hash"``). Routers and vLLM
+        replicas meant to agree must use the same value.
     buffer_steps: batches kept for replay. max_queue: most pending cache changes between the engine
         and the publisher thread; past it, changes are dropped and counted (never waited for).
     data_parallel_rank: the rank in every batch (vLLM's third field).
@@ -47,7 +50,8 @@ class KVEventsConfig:
         """The hash seed in effect."""
         if self.hash_seed is not None:
             return self.hash_seed
-        return os.environ.get("PYTHONHASHSEED") or "0"
+        seed = os.environ.get("PYTHONHASHSEED")
+        return DEFAULT_SEED if seed is None else seed
 
     @classmethod
     def of(cls, value: str | KVEventsConfig) -> KVEventsConfig:

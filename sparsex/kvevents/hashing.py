@@ -1,15 +1,17 @@
-"""Block hashes a router recomputes from token ids: vLLM's ``sha256_cbor`` scheme.
+"""Block hashes a router recomputes from token ids: vLLM's ``sha256_cbor`` scheme (vLLM 0.33).
 
 vLLM (``vllm/v1/core/kv_cache_utils.py``, ``--prefix-caching-hash-algo sha256_cbor``) hashes a
 block as ``sha256(cbor((parent, tuple(token_ids), extra_keys)))`` with canonical CBOR, ``parent``
-being the previous block's 32-byte hash, or ``NONE_HASH = sha256(cbor(PYTHONHASHSEED))`` for a
-chain's first block; ``extra_keys`` is None or a tuple (the ``cache_salt`` enters the first block's).
-Events carry ``int.from_bytes(hash[-8:], "big")`` (vLLM's ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``).
+being the previous block's 32-byte hash, or ``NONE_HASH = sha256(cbor(seed))`` for a chain's first
+block, ``seed`` = ``PYTHONHASHSEED``, else ``"vllm-none-hash"``; ``extra_keys`` is None or a tuple
+of tagged keys (a ``cache_salt`` enters the first block's as ``("cache_salt", salt)``). Events
+carry ``int.from_bytes(hash[-8:], "big")`` (vLLM's ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``).
 
     prefix block i      h_i = sha256(cbor((h_{i-1} or NONE_HASH, (t..), extra_i)))
-                        extra_0 = (namespace,) when the namespace is not "", else None; extra_i>0 = None
-                        -> the same ints a vLLM replica started with the same seed publishes
-    segment block       g   = sha256(cbor((NONE_HASH, (t..), ("sparsex:segment",) [+ (namespace,)])))
+                        extra_0 = (("cache_salt", namespace),) when the namespace is not "", else None;
+                        extra_i>0 = None -> the ints a vLLM replica with the same seed publishes
+    segment block       g   = sha256(cbor((NONE_HASH, (t..), ("sparsex:segment",))))        namespace ""
+                        g   = sha256(cbor((NONE_HASH, (t..), ("sparsex:segment", ("cache_salt", ns)))))
                         not chained: one block's hash needs only its own tokens, so a router finds
                         it at any offset of a prompt (and it never equals a prefix hash)
 
@@ -27,6 +29,8 @@ from typing import Any
 
 SEGMENT_KEY = "sparsex:segment"
 """The extra key that marks a segment block's hash (and makes it differ from any prefix hash)."""
+DEFAULT_SEED = "vllm-none-hash"
+"""vLLM's NONE_HASH seed for sha256 / sha256_cbor when ``PYTHONHASHSEED`` is not set."""
 
 
 def _head(major: int, n: int) -> bytes:
@@ -86,12 +90,12 @@ class BlockHasher:
         out: list[bytes] = []
         parent = self.none_hash
         for i in range(len(token_ids) // block_size):
-            extra = (namespace,) if i == 0 and namespace else None
+            extra = (("cache_salt", namespace),) if i == 0 and namespace else None
             parent = block_hash(parent, tuple(token_ids[i * block_size : (i + 1) * block_size]), extra)
             out.append(parent)
         return out
 
     def segment_block(self, token_ids: Sequence[int], namespace: str) -> bytes:
         """The hash of one segment block (its own tokens only)."""
-        extra = (SEGMENT_KEY, namespace) if namespace else (SEGMENT_KEY,)
+        extra = (SEGMENT_KEY, ("cache_salt", namespace)) if namespace else (SEGMENT_KEY,)
         return block_hash(self.none_hash, tuple(token_ids), extra)

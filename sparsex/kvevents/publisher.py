@@ -24,12 +24,13 @@ class ZmqEventPublisher:
     """Binds a PUB socket (and a ROUTER for replay); sends payloads with sequence numbers.
 
     Not thread-safe: the thread that sends must be the only one using it (zmq sockets are not
-    thread-safe). Binding happens in the constructor, so a bad or busy endpoint fails there.
+    thread-safe). Binding happens in the constructor, so a bad or busy endpoint fails there. It has
+    its own zmq context, terminated by :meth:`close`, so the endpoints are free when close returns.
     """
 
     def __init__(self, endpoint: str, replay_endpoint: str | None = None, topic: str = "",
                  buffer_steps: int = 10_000, hwm: int = 100_000) -> None:
-        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._topic = topic.encode("utf-8")
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
         self.next_seq = 0
@@ -76,10 +77,12 @@ class ZmqEventPublisher:
         return served
 
     def close(self, linger_ms: int = 500) -> None:
-        """Close the sockets, giving queued messages ``linger_ms`` to leave."""
+        """Close the sockets, giving queued messages ``linger_ms`` to leave; returns once the
+        endpoints are released."""
         self._pub.close(linger=linger_ms)
         if self._replay is not None:
             self._replay.close(linger=0)
+        self._ctx.term()
 
 
 def _bind(sock: zmq.Socket[bytes], endpoint: str) -> None:

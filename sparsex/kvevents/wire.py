@@ -1,7 +1,8 @@
 """The KV event wire format: vLLM's ``vllm/distributed/kv_events.py`` messages, as msgpack.
 
-Matched against vllm-project/vllm main after PR #42892 (events as tagged maps; vLLM >= 0.26) and
-its example subscriber ``examples/features/kv_events/kv_events_subscriber.py``::
+Matched against vLLM 0.33.0 (``vllm/distributed/kv_events.py`` of its wheel; events have been
+tagged maps since vllm-project/vllm#42892) and the example subscriber on vLLM's main,
+``examples/features/kv_events/kv_events_subscriber.py``::
 
     ZMQ PUB multipart:  [topic (utf-8), seq (8 bytes, big-endian, from 0), payload]
     payload (msgpack):  [ts, [event, ...], data_parallel_rank]             EventBatch, an array
@@ -12,9 +13,9 @@ its example subscriber ``examples/features/kv_events/kv_events_subscriber.py``::
       {"type": "BlockRemoved", "block_hashes": [u64, ...], "medium": str}
       {"type": "AllBlocksCleared"}
 
-Field names, order and required fields are vLLM's, so its subscriber's structs decode these
-unchanged; the fields vLLM added later with defaults (group_idx, kv_cache_spec_*, locality) are
-not sent and decode as their defaults.
+Field names, order and required fields are vLLM's, so its structs decode these unchanged; the
+optional fields (group_idx, kv_cache_spec_kind, kv_cache_spec_sliding_window, locality, ownership,
+session_id, lookahead_token_ids) are not sent and decode as their defaults (None).
 """
 
 from __future__ import annotations

@@ -83,7 +83,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                     help="publish token ids of every namespace's blocks (default: only of the shared one; "
                          "tenants' blocks carry hashes only)")
     ev.add_argument("--kv-events-hash-seed", default=None, metavar="SEED",
-                    help="vLLM's PYTHONHASHSEED for block hashes (default: $PYTHONHASHSEED, else 0)")
+                    help="seed of the block hashes, vLLM's PYTHONHASHSEED (default: $PYTHONHASHSEED, "
+                         "else vLLM's default 'vllm-none-hash')")
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:

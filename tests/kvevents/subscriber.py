@@ -78,23 +78,28 @@ def to_int(digest: bytes) -> int:
     return int.from_bytes(digest, "big") & ((1 << 64) - 1)
 
 
-def vllm_prefix_hashes(token_ids: Sequence[int], block_size: int, seed: str = "0",
+DEFAULT_SEED = "vllm-none-hash"  # vLLM 0.33's NONE_HASH seed without PYTHONHASHSEED
+
+
+def vllm_prefix_hashes(token_ids: Sequence[int], block_size: int, seed: str = DEFAULT_SEED,
                        cache_salt: str | None = None) -> list[int]:
-    """vLLM's hash_block_tokens chain over full blocks; the salt in the first block's extra keys."""
+    """vLLM's hash_block_tokens chain over full blocks; the salt, tagged, in the first block's
+    extra keys (``generate_block_hash_extra_keys``)."""
     parent, out = sha256_cbor(seed), []
     for i in range(len(token_ids) // block_size):
-        extra = (cache_salt,) if i == 0 and cache_salt else None
+        extra = (("cache_salt", cache_salt),) if i == 0 and cache_salt else None
         parent = sha256_cbor((parent, tuple(token_ids[i * block_size : (i + 1) * block_size]), extra))
         out.append(to_int(parent))
     return out
 
 
-def segment_hashes(token_ids: Sequence[int], block_size: int, seed: str = "0", namespace: str = "") -> list[int]:
+def segment_hashes(token_ids: Sequence[int], block_size: int, seed: str = DEFAULT_SEED,
+                   namespace: str = "") -> list[int]:
     """The documented segment-block hash: each full block alone, as a chain's first block, with the
-    extra keys ("sparsex:segment",) plus the namespace when there is one."""
+    extra keys ("sparsex:segment",), plus ("cache_salt", namespace) when there is a namespace."""
     root, out = sha256_cbor(seed), []
     for i in range(len(token_ids) // block_size):
-        extra = ("sparsex:segment", namespace) if namespace else ("sparsex:segment",)
+        extra = ("sparsex:segment", ("cache_salt", namespace)) if namespace else ("sparsex:segment",)
         out.append(to_int(sha256_cbor((root, tuple(token_ids[i * block_size : (i + 1) * block_size]), extra))))
     return out
 

@@ -19,7 +19,7 @@ B = 4
 
 
 def builder(**kw: object) -> EventBuilder:
-    return EventBuilder(B, BlockHasher("0"), **kw)  # type: ignore[arg-type]
+    return EventBuilder(B, BlockHasher("vllm-none-hash"), **kw)  # type: ignore[arg-type]
 
 
 def seg(tokens: list[int], blocks: list[tuple[int, int]], ns: str = "") -> StoredBlocks:

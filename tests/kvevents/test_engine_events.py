@@ -45,6 +45,7 @@ def sub(endpoints: tuple[str, str]) -> Iterator[Subscriber]:
 
 
 def engine(folder: Path, endpoints: tuple[str, str], num_blocks: int = 64, **config: Any) -> LLM:
+    config.setdefault("hash_seed", "vllm-none-hash")  # vLLM's default, whatever PYTHONHASHSEED says here
     cfg = KVEventsConfig(endpoints[0], endpoints[1], topic="kv-events", **config)
     return make_llm(folder, num_blocks=num_blocks, kv_events=cfg)  # type: ignore[no-any-return]
 

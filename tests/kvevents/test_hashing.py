@@ -37,8 +37,8 @@ def test_cbor_refuses_what_block_hashes_never_hold() -> None:
 
 def test_prefix_chain_is_vllms_sha256_cbor_chain() -> None:
     tokens = list(range(1000, 1000 + 16 * 5 + 3))
-    hasher = BlockHasher("0")
-    assert hasher.none_hash == sha256_cbor("0")
+    hasher = BlockHasher("vllm-none-hash")
+    assert hasher.none_hash == sha256_cbor("vllm-none-hash")
     assert [external(h) for h in hasher.prefix_chain(tokens, 16, "")] == vllm_prefix_hashes(tokens, 16)
     salted = [external(h) for h in hasher.prefix_chain(tokens, 16, "t/ns")]
     assert salted == vllm_prefix_hashes(tokens, 16, cache_salt="t/ns")
@@ -48,11 +48,20 @@ def test_prefix_chain_is_vllms_sha256_cbor_chain() -> None:
 
 def test_segment_blocks_hash_alone_and_never_like_a_prefix() -> None:
     tokens = list(range(64))
-    hasher = BlockHasher("0")
+    hasher = BlockHasher("vllm-none-hash")
     mine = [external(hasher.segment_block(tokens[i : i + 16], "")) for i in range(0, 64, 16)]
     assert mine == segment_hashes(tokens, 16)
     assert mine[0] != vllm_prefix_hashes(tokens, 16)[0]  # the first block of a prompt that is the segment
     assert external(hasher.segment_block(tokens[16:32], "")) == mine[1]  # found wherever it sits
+
+
+def test_the_default_seed_is_vllms(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sparsex.kvevents import KVEventsConfig
+
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    assert KVEventsConfig().seed == "vllm-none-hash"
+    monkeypatch.setenv("PYTHONHASHSEED", "0")
+    assert KVEventsConfig().seed == "0" and KVEventsConfig(hash_seed="7").seed == "7"
 
 
 def test_external_hash_is_the_last_eight_bytes() -> None:

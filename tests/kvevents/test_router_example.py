@@ -40,7 +40,7 @@ def doc(n_blocks: int, start: int) -> list[int]:
 @pytest.fixture
 def cluster(tiny_model_dir: Any) -> Iterator[tuple[Any, Any, Any]]:
     endpoints = {name: (f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}") for name in "ab"}
-    engines = {name: make_llm(tiny_model_dir("llama"), num_blocks=64, kv_events=KVEventsConfig(*eps))
+    engines = {name: make_llm(tiny_model_dir("llama"), num_blocks=64, kv_events=KVEventsConfig(*eps, hash_seed="vllm-none-hash"))
                for name, eps in endpoints.items()}
     router = load_example().KVRouter(endpoints)
     yield engines["a"], engines["b"], router

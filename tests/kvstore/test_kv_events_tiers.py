@@ -33,7 +33,8 @@ def replica(tiny_model_dir: Any) -> Iterator[Any]:
     def make(**tiers: Any) -> tuple[LLM, Subscriber]:
         endpoints = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
         sub = Subscriber(*endpoints)
-        llm = make_llm(tiny_model_dir("llama"), num_blocks=64, kv_events=KVEventsConfig(*endpoints), **tiers)
+        llm = make_llm(tiny_model_dir("llama"), num_blocks=64, kv_events=KVEventsConfig(*endpoints, hash_seed="vllm-none-hash"),
+                       **tiers)
         made.append((llm, sub))
         return llm, sub
 
