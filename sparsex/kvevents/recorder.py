@@ -86,6 +86,9 @@ class KVEventRecorder:
             with self._lock:
                 self.num_dropped += 1
                 self._lost = True
+                n = self.num_dropped
+            if n & (n - 1) == 0:  # 1, 2, 4, 8, ...: loud at first, quiet in a long outage
+                log.warning("kv events: %d cache changes dropped (queue full or closed); subscribers see a gap", n)
 
     # ----- lifecycle ----------------------------------------------------------------------------------
 

@@ -183,7 +183,10 @@ def load_model(folder: Path, device: torch.device) -> tuple[nn.Module, Any]:
     model.to(device).eval()
     if isinstance(model, Gemma3Model):
         model.embed_scale = torch.tensor(cfg.hidden_size**0.5)
-    _log(f"loaded {folder.name} ({cfg.model_type}, {cfg.num_hidden_layers} layers) in "
+    name = folder.name
+    if folder.parent.name == "snapshots":  # a Hub cache snapshot: models--org--name/snapshots/<commit>
+        name = folder.parent.parent.name.removeprefix("models--").replace("--", "/") + "@" + folder.name[:12]
+    _log(f"loaded {name} ({cfg.model_type}, {cfg.num_hidden_layers} layers) in "
          f"{time.perf_counter() - t0:.1f}s")
     return model, cfg
 
