@@ -82,6 +82,31 @@ def test_a_revision_is_its_own_snapshot(hub_home: Path, tiny_model_dir: Callable
         resolve_model("acme/tiny", revision="v3")
 
 
+def test_a_gguf_file_of_a_repository_is_fetched_from_the_cache(hub_home: Path, tmp_path: Path) -> None:
+    from sparsex.models.hub import fetch_model
+
+    files = tmp_path / "gguf-repo"
+    files.mkdir()
+    (files / "tiny-Q4_K_M.gguf").write_bytes(b"GGUF")  # fetched, not converted, here
+    snapshot = lay_out_hub_cache(hub_home / "hub", "acme/tiny-GGUF", files)
+    assert fetch_model("acme/tiny-GGUF:tiny-Q4_K_M.gguf") == snapshot / "tiny-Q4_K_M.gguf"
+    with pytest.raises(HubModelError, match="not in the Hugging Face cache"):
+        fetch_model("acme/tiny-GGUF:other.gguf")
+
+
+def test_only_the_transformers_weights_are_loaded(tmp_path: Path, tiny_model_dir: Callable[[str], Path]) -> None:
+    from sparsex.models.loader import weight_files
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir("llama"), folder)
+    (folder / "consolidated.safetensors").write_bytes(b"another format")  # e.g. a Mistral repository
+    assert weight_files(folder) == [folder / "model.safetensors"]
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00001-of-00001.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert weight_files(folder) == [folder / "model-00001-of-00001.safetensors"]
+
+
 def test_hf_hub_cache_overrides_hf_home(hub_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          tiny_model_dir: Callable[[str], Path]) -> None:
     cache = tmp_path / "elsewhere"

@@ -24,11 +24,12 @@ SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_text"
 """``model_type`` values of the supported families (a multimodal Gemma 3 repo loads its text part)."""
 
 ALLOW_PATTERNS = [
-    "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+    "config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 ]
-"""What a snapshot downloads: config, tokenizer and safetensors weights (no .bin, .pt, .gguf, ...)."""
+"""What a snapshot downloads: config, tokenizer and the transformers-format safetensors weights
+(``model.safetensors`` or its shards; not .bin, .pt, .gguf, nor other formats' safetensors)."""
 
 _ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[^/:]+\.gguf)?$")
 _TRUE = {"1", "on", "yes", "true"}
@@ -77,7 +78,7 @@ def fetch_model(name: str, revision: str | None = None) -> Path:
         config = Path(hf_hub_download(ref.repo_id, "config.json", revision=revision, **env))
         check_architecture(name, config)
         folder = Path(snapshot_download(ref.repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS, **env))
-    if not any(folder.glob("*.safetensors")):
+    if not any(folder.glob("model*.safetensors")):
         raise HubModelError(f"{name!r} has no .safetensors weights (only .bin / .pt?); SparseX loads "
                             "safetensors or a GGUF file: try a repository that ships them, or "
                             f"'{name}:<file>.gguf' for a GGUF repository")

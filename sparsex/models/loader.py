@@ -158,10 +158,21 @@ def load_config(folder: Path) -> Any:
     return read_config(folder)
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of the model: those the index names, else ``model.safetensors``, else all
+    (a Hub snapshot may also hold other formats' files, e.g. Mistral's ``consolidated.safetensors``)."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+    if (folder / "model.safetensors").exists():
+        return [folder / "model.safetensors"]
+    return sorted(folder.glob("*.safetensors"))
+
+
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    files = sorted(folder.glob("*.safetensors"))
+    files = weight_files(folder)
     if not files:
         raise UnknownModelError(f"no .safetensors weights in {folder}")
     sd: dict[str, torch.Tensor] = {}

@@ -59,7 +59,7 @@ QUESTION = [5, 6, 7, 8, 9, 11, 12]
 
 
 def published(llm: LLM, sub: Subscriber) -> None:
-    assert llm.events is not None and llm.events.flush()
+    assert llm.kv_events is not None and llm.kv_events.flush()
     sub.drain()
 
 
@@ -157,7 +157,7 @@ def test_live_stream_delivers_without_replay(llama: Path, endpoints: Any, sub: S
     while sub.num_live == 0:  # bounded: the subscription takes a moment to reach the publisher
         assert k < 50, "no batch ever arrived on the SUB socket"
         llm.generate([[Segment(doc(1, 7 * k)), QUESTION]], ONE, reuse=PLAIN)
-        assert llm.events is not None and llm.events.flush()
+        assert llm.kv_events is not None and llm.kv_events.flush()
         sub.poll(200)
         k += 1
     llm.close()

@@ -51,7 +51,7 @@ def cluster(tiny_model_dir: Any) -> Iterator[tuple[Any, Any, Any]]:
 
 def sync(router: Any, *engines: Any) -> None:
     for llm in engines:
-        assert llm.events.flush()
+        assert llm.kv_events.flush()
     for name in router.replicas:
         router.catch_up(name)
     while router.poll(100):

@@ -47,7 +47,7 @@ def replica(tiny_model_dir: Any) -> Iterator[Any]:
 def settle(llm: LLM, sub: Subscriber) -> None:
     """Pending tier writes done, their events published and read."""
     assert llm.tiers is not None and llm.tiers.writer.flush(30)
-    assert llm.events is not None and llm.events.flush()
+    assert llm.kv_events is not None and llm.kv_events.flush()
     sub.drain()
 
 

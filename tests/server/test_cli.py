@@ -103,4 +103,4 @@ def test_serve_main_publishes_kv_events_and_closes_them(model_dir: Path, monkeyp
                          "--revision", "main"))
     llm = seen["server"].config.app.state.llm
     assert llm.config.kv_events.endpoint == endpoint and llm.config.revision == "main"
-    assert llm.events.closed  # serve_main closed the engine on its way out
+    assert llm.kv_events.closed  # serve_main closed the engine on its way out
