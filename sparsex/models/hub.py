@@ -13,9 +13,11 @@ then loaded as a local folder is. The environment is read at each call, not at i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,47 +101,43 @@ def check_architecture(name: str, config_file: Path) -> None:
         )
 
 
-class _explained:
+@contextlib.contextmanager
+def _explained(name: str, revision: str | None, env: dict[str, Any]) -> Iterator[None]:
     """Turns huggingface_hub's exceptions into one HubModelError naming the fix."""
+    try:
+        yield
+    except HubModelError:
+        raise
+    except Exception as exc:
+        message = _explain(exc, name, revision or "main", env["cache_dir"], env["local_files_only"])
+        if message is None:
+            raise
+        raise HubModelError(message) from exc
 
-    def __init__(self, name: str, revision: str | None, env: dict[str, Any]) -> None:
-        self.name, self.revision, self.env = name, revision, env
 
-    def __enter__(self) -> None:
-        return None
+def _explain(exc: BaseException, name: str, rev: str, cache: str, offline: bool) -> str | None:
+    from huggingface_hub import errors
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        if exc is None or isinstance(exc, HubModelError):
-            return
-        message = self._message(exc)
-        if message is not None:
-            raise HubModelError(message) from exc
-
-    def _message(self, exc: BaseException) -> str | None:
-        from huggingface_hub import errors
-
-        name, rev = self.name, self.revision or "main"
-        cache = self.env["cache_dir"]
-        if isinstance(exc, errors.GatedRepoError):  # a subclass of RepositoryNotFoundError: first
-            return (f"{name!r} is a gated repository: accept its license on its Hub page, then set HF_TOKEN "
-                    "to a token of that account (https://huggingface.co/settings/tokens)")
-        if isinstance(exc, errors.RepositoryNotFoundError):
-            return (f"{name!r} was not found on the Hub: check the id (org/name); a private repository "
-                    "needs HF_TOKEN set to a token that can read it")
-        if isinstance(exc, errors.RevisionNotFoundError):
-            return f"{name!r} has no revision {rev!r}: pass an existing branch, tag or commit (--revision)"
-        # LocalEntryNotFoundError is an EntryNotFoundError too: first
-        if isinstance(exc, errors.LocalEntryNotFoundError | errors.OfflineModeIsEnabled):
-            if self.env["local_files_only"]:
-                return (f"{name!r} ({rev}) is not in the Hugging Face cache at {cache} and HF_HUB_OFFLINE is "
-                        "set: unset HF_HUB_OFFLINE to download it, or download it where the Hub is reachable "
-                        f"(`hf download {name.split(':')[0]}`) and copy the cache here")
-            return (f"cannot reach the Hugging Face Hub to download {name!r} and it is not in the cache at "
-                    f"{cache}: check the network (or HF_ENDPOINT for a mirror), or download it where the Hub "
-                    "is reachable and copy the cache here")
-        if isinstance(exc, errors.EntryNotFoundError):
-            return (f"{name!r} at {rev!r} lacks a file SparseX needs (config.json, or the .gguf named): "
-                    "check the file name; a GGUF-only repository is named org/name:<file>.gguf")
-        if isinstance(exc, errors.HfHubHTTPError):
-            return f"downloading {name!r} from the Hub failed: {exc}"
-        return None
+    if isinstance(exc, errors.GatedRepoError):  # a subclass of RepositoryNotFoundError: first
+        return (f"{name!r} is a gated repository: accept its license on its Hub page, then set HF_TOKEN "
+                "to a token of that account (https://huggingface.co/settings/tokens)")
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return (f"{name!r} was not found on the Hub: check the id (org/name); a private repository "
+                "needs HF_TOKEN set to a token that can read it")
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return f"{name!r} has no revision {rev!r}: pass an existing branch, tag or commit (--revision)"
+    # LocalEntryNotFoundError is an EntryNotFoundError too: first
+    if isinstance(exc, errors.LocalEntryNotFoundError | errors.OfflineModeIsEnabled):
+        if offline:
+            return (f"{name!r} ({rev}) is not in the Hugging Face cache at {cache} and HF_HUB_OFFLINE is "
+                    "set: unset HF_HUB_OFFLINE to download it, or download it where the Hub is reachable "
+                    f"(`hf download {name.split(':')[0]}`) and copy the cache here")
+        return (f"cannot reach the Hugging Face Hub to download {name!r} and it is not in the cache at "
+                f"{cache}: check the network (or HF_ENDPOINT for a mirror), or download it where the Hub "
+                "is reachable and copy the cache here")
+    if isinstance(exc, errors.EntryNotFoundError):
+        return (f"{name!r} at {rev!r} lacks a file SparseX needs (config.json, or the .gguf named): "
+                "check the file name; a GGUF-only repository is named org/name:<file>.gguf")
+    if isinstance(exc, errors.HfHubHTTPError):
+        return f"downloading {name!r} from the Hub failed: {exc}"
+    return None
