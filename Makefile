@@ -20,7 +20,7 @@ demo: setup
 	$(VENV)/bin/sparsex demo
 
 lint: setup
-	$(VENV)/bin/ruff check sparsex tests
+	$(VENV)/bin/ruff check sparsex tests examples
 	$(VENV)/bin/mypy sparsex
 
 test: lint

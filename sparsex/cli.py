@@ -7,9 +7,14 @@ import sys
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="alias (smollm2, gemma3-270m), .gguf file or model folder")
+    p.add_argument("--model", default=None,
+                   help="alias (smollm2, gemma3-270m), .gguf file, model folder or Hub id (org/name)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--kv-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def _add_revision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub model (default: main)")
 
 
 def _sampling(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -33,7 +38,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 64) -> None
 def cmd_generate(args: argparse.Namespace) -> int:
     from sparsex import LLM
 
-    llm = LLM(model=args.model, device=args.device, kv_dtype=args.kv_dtype)
+    llm = LLM(model=args.model, device=args.device, kv_dtype=args.kv_dtype, revision=args.revision)
     req = llm.add_request(args.prompt, _sampling(args))
     for delta in llm.stream(req):
         print(delta, end="", flush=True)
@@ -47,7 +52,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from sparsex import LLM
 
-    llm = LLM(model=args.model, device=args.device, kv_dtype=args.kv_dtype)
+    llm = LLM(model=args.model, device=args.device, kv_dtype=args.kv_dtype, revision=args.revision)
     history: list[dict[str, str]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
@@ -83,11 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("generate", help="complete a prompt (streams tokens)")
     p.add_argument("prompt")
     _add_model_args(p)
+    _add_revision_arg(p)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat (streams tokens)")
     _add_model_args(p)
+    _add_revision_arg(p)
     _add_sampling_args(p, max_tokens=256)
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -23,6 +24,9 @@ class EngineConfig:
     kv_store: ``redis://host:port/db``: a Redis (or Valkey) tier shared by every replica (None: none).
     kv_disk: a folder for a local-disk tier (None: none); kv_disk_bytes: its byte budget.
     kv_store_dtype: K/V dtype in the tiers (``bfloat16``, ``float16``, or ``float32``: bitwise).
+    revision: the branch, tag or commit of a Hugging Face Hub model (None: ``main``).
+    kv_events: publish KV events in vLLM's format: an endpoint (``tcp://*:5557``) or a
+        ``sparsex.kvevents.KVEventsConfig`` (None: no events).
     """
 
     model: str | None = None
@@ -38,6 +42,8 @@ class EngineConfig:
     kv_disk: str | None = None
     kv_disk_bytes: int = 8 << 30
     kv_store_dtype: str = "bfloat16"
+    revision: str | None = None
+    kv_events: Any = None  # str | KVEventsConfig (typed loosely: this layer imports no I/O package)
 
 
 def available_memory_bytes(device: str) -> int:

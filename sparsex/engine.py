@@ -30,6 +30,7 @@ from sparsex.engine_outputs import RequestOutput as RequestOutput  # part of thi
 from sparsex.engine_pins import PinnedSegments
 from sparsex.kv_cache import KVCache
 from sparsex.kv_manager import KVCacheManager
+from sparsex.kvevents import KVEventRecorder, KVEventsConfig
 from sparsex.model_runner import ModelRunner, SeqInput
 from sparsex.models.base import ModelSpec
 from sparsex.models.loader import load_model, resolve_model
@@ -77,7 +78,7 @@ class LLM(Outputs, PinnedSegments):
         if self.config.kv_dtype not in DTYPES:
             raise ValueError(f"kv_dtype must be one of {sorted(DTYPES)}, got {self.config.kv_dtype!r}")
         self.device = torch.device(device)
-        self.model_path = resolve_model(model)
+        self.model_path = resolve_model(model, self.config.revision)
         self.model, self.hf_config = load_model(self.model_path, self.device)
         self.spec: ModelSpec = self.model.spec  # type: ignore[assignment]
         self.model_name = model or "smollm2"
@@ -93,11 +94,18 @@ class LLM(Outputs, PinnedSegments):
         self.pool = BlockPool(num_blocks, bs, high_water=self.config.high_water)
         self.kv = KVCache(self.spec, num_blocks, bs, kv_dtype, self.device)
         self.runner = ModelRunner(self.model, self.kv, self.device)  # type: ignore[arg-type]
-        self.cache = KVCacheManager(self.pool, f"{self.model_path.name}")
+        self.kv_events = None if self.config.kv_events is None else KVEventRecorder(
+            KVEventsConfig.of(self.config.kv_events), bs)  # binds its socket: a busy endpoint fails here
+        self.cache = KVCacheManager(self.pool, f"{self.model_path.name}", listener=self.kv_events)
         self.scheduler = Scheduler(self.cache, self.config.max_num_seqs)
         self.store = SegmentStore(self.cache, self.kv, self.spec)
         self.prefiller = Prefiller(self.store, self.runner, self.spec, planners)
-        self.tiers = self._open_tiers()
+        try:
+            self.tiers = self._open_tiers()
+        except BaseException:
+            if self.kv_events is not None:  # give the endpoint back
+                self.kv_events.close()
+            raise
         self.eos_token_ids = self.tokenizer.eos_token_ids
         self._ids = itertools.count()
         self._generators: dict[str, torch.Generator | None] = {}
@@ -233,12 +241,15 @@ class LLM(Outputs, PinnedSegments):
         if c.kv_store_dtype not in DTYPES:
             raise ValueError(f"kv_store_dtype must be one of {sorted(DTYPES)}, got {c.kv_store_dtype!r}")
         options = TierOptions(c.kv_store, c.kv_disk, c.kv_disk_bytes, c.kv_store_dtype)  # type: ignore[arg-type]
-        return TierCache.open(self.store, self.model_path, c.kv_dtype, options)
+        return TierCache.open(self.store, self.model_path, c.kv_dtype, options, self.kv_events)
 
     def close(self) -> None:
-        """Flush pending store writes and close the tiers (also at process exit); idempotent."""
+        """Flush pending store writes and close the tiers, then publish the last KV events and close
+        their socket (also at process exit); idempotent."""
         if self.tiers is not None:
             self.tiers.close()
+        if self.kv_events is not None:
+            self.kv_events.close()
 
     def __enter__(self) -> LLM:
         return self

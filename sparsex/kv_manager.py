@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from sparsex.cache import BlockPool, NoFreeBlocksError, PrefixCache, SegmentIndex, chunk_tokens
+from sparsex.cache.listener import BlockListener
 from sparsex.request import Request
 from sparsex.reuse.options import ReuseOptions
 from sparsex.segments import SegmentSpan
@@ -171,12 +172,15 @@ class KVCacheManager:
     """Prefix cache + segment index over the block pool: lookup, admission, growth, release.
 
     min_run: shortest cached token run reused anywhere in a prompt (None: one block).
+    listener: told of every block published and evicted (the KV event publisher), or None.
     """
 
-    def __init__(self, pool: BlockPool, model_id: str, min_run: int | None = None) -> None:
+    def __init__(
+        self, pool: BlockPool, model_id: str, min_run: int | None = None, listener: BlockListener | None = None
+    ) -> None:
         self.pool = pool
-        self.prefix = PrefixCache(pool, model_id)
-        self.segments = SegmentIndex(pool, model_id)
+        self.prefix = PrefixCache(pool, model_id, listener=listener)
+        self.segments = SegmentIndex(pool, model_id, listener=listener)
         self.min_run = min_run if min_run is not None else pool.block_size
 
     @property

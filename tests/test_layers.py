@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sparsex.request", "sparsex.kv_manager", "sparsex.scheduler"),          # admission, scheduling
     ("sparsex.models",),                                                     # model files, attention
     ("sparsex.kv_cache", "sparsex.model_runner", "sparsex.tokenizer", "sparsex.sampler",
-     "sparsex.kvstore"),                                                     # storage, runner, I/O
+     "sparsex.kvstore", "sparsex.kvevents"),                                 # storage, runner, I/O
     ("sparsex.reuse",),                                                      # load, plan, run, publish
     ("sparsex.engine", "sparsex.engine_outputs", "sparsex.engine_pins",
      "sparsex"),                                                             # LLM, the public API

@@ -20,6 +20,7 @@ from sparsex.cache.hashing import (
     hash_block,
     hash_chain,
 )
+from sparsex.cache.listener import BlockListener, StoredBlocks
 from sparsex.cache.prefix_cache import PrefixCache
 from sparsex.cache.run_matcher import RunMatcher
 from sparsex.cache.segment_index import PinnedSegment, SegmentHit, SegmentIndex
@@ -28,6 +29,7 @@ from sparsex.cache.token_runs import RunMatch, TokenRun, select_runs
 __all__ = [
     "BlockHash",
     "BlockInfo",
+    "BlockListener",
     "BlockPool",
     "ChunkingConfig",
     "EvictHook",
@@ -40,6 +42,7 @@ __all__ = [
     "RunMatcher",
     "SegmentHit",
     "SegmentIndex",
+    "StoredBlocks",
     "TokenRun",
     "blocks_for_budget",
     "chunk_tokens",

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from sparsex.cache.block_pool import BlockPool
 from sparsex.cache.hashing import BlockHash, HashFn, default_hash_fn, hash_block
+from sparsex.cache.listener import BlockListener, StoredBlocks
 
 PREFIX_DOMAIN = "prefix"
 """Domain tag in every prefix hash, so prefix and segment entries never hit each other."""
@@ -31,12 +32,16 @@ class PrefixCache:
     - Only blocks whose every token has exact KV are published.
     - The cache takes no reference of its own: a published block lives on in the pool's LRU list
       after its request releases it, until the pool reuses it.
+    - ``listener`` (if any) is told of every block :meth:`register` newly publishes.
     """
 
-    def __init__(self, pool: BlockPool, model_id: str, hash_fn: HashFn = default_hash_fn) -> None:
+    def __init__(
+        self, pool: BlockPool, model_id: str, hash_fn: HashFn = default_hash_fn, listener: BlockListener | None = None
+    ) -> None:
         self._pool = pool
         self._model_id = model_id
         self._hash_fn = hash_fn
+        self._listener = listener
 
     @property
     def pool(self) -> BlockPool:
@@ -73,7 +78,7 @@ class PrefixCache:
         block_size = self._pool.block_size
         num_exact = min(num_exact_tokens, len(token_ids), len(block_ids) * block_size)
         salt = self._salt(namespace)
-        num_published = 0
+        published: list[tuple[int, int]] = []
         parent: BlockHash | None = None
         for index in range(num_exact // block_size):
             chunk = token_ids[index * block_size : (index + 1) * block_size]
@@ -82,8 +87,11 @@ class PrefixCache:
             # A duplicate of another block's content, or a hash collision, leaves it unpublished.
             self._pool.register(block_ids[index], parent, chunk, index * block_size)
             if not was_published and self._pool.info(block_ids[index]).block_hash is not None:
-                num_published += 1
-        return num_published
+                published.append((index, block_ids[index]))
+        if published and self._listener is not None:
+            end = (published[-1][0] + 1) * block_size
+            self._listener.blocks_stored(StoredBlocks(PREFIX_DOMAIN, namespace, tuple(token_ids[:end]), tuple(published)))
+        return len(published)
 
     def _salt(self, namespace: str) -> tuple[str, ...]:
         return (self._model_id, namespace, PREFIX_DOMAIN)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from sparsex.cache.block_pool import BlockPool
 from sparsex.cache.hashing import BlockHash, HashFn, default_hash_fn, hash_block, hash_chain, serialize_block
+from sparsex.cache.listener import BlockListener, StoredBlocks
 from sparsex.cache.run_matcher import RunMatcher
 from sparsex.cache.token_runs import RunMatch
 
@@ -107,18 +108,23 @@ class SegmentIndex:
       least-used first).
     - Every segment block this index published is in its :class:`RunMatcher` until the pool evicts
       it (the pool's evict hook), and no other block is.
+    - ``listener`` (if any) is told of every segment block this index publishes and, since the
+      pool's one evict hook is this index's, of every block the pool evicts (prefix blocks too).
     """
 
-    def __init__(self, pool: BlockPool, model_id: str, hash_fn: HashFn = default_hash_fn) -> None:
+    def __init__(
+        self, pool: BlockPool, model_id: str, hash_fn: HashFn = default_hash_fn, listener: BlockListener | None = None
+    ) -> None:
         self._pool = pool
         self._model_id = model_id
         self._hash_fn = hash_fn
+        self._listener = listener
         self._pinned: dict[str, _PinnedRecord] = {}
         # Pinned segment ids holding each pinned block (dicts as ordered sets).
         self._segments_of_block: dict[int, dict[str, None]] = {}
         self._runs = RunMatcher(pool.block_size)
         pool.set_pressure_hook(self._on_pressure)
-        pool.set_evict_hook(self._runs.drop_block)
+        pool.set_evict_hook(self._on_evict)
 
     @property
     def pool(self) -> BlockPool:
@@ -202,6 +208,7 @@ class SegmentIndex:
         hashes = hash_chain(token_ids, block_size, self._salt(namespace), self._hash_fn)
         self._validate_register(token_ids, start_pos, block_ids, hashes, pinned)
         serving: dict[int, int] = {}
+        published: list[tuple[int, int]] = []
         for index, block_id in sorted(block_ids.items()):
             tokens = self._block_tokens(token_ids, index)
             position = start_pos + index * block_size
@@ -210,6 +217,10 @@ class SegmentIndex:
             if info.block_hash == hashes[index]:  # published, not a duplicate or a collision
                 parent = hashes[index - 1] if index else None
                 self._runs.add_block(block_id, hashes[index], parent, info.token_ids, position, namespace)
+                published.append((index, block_id))
+        if published and self._listener is not None:
+            end = (published[-1][0] + 1) * block_size
+            self._listener.blocks_stored(StoredBlocks(SEGMENT_DOMAIN, namespace, tuple(token_ids[:end]), tuple(published)))
         segment_id: str | None = None
         if pinned:
             for index, block_hash in enumerate(hashes):
@@ -256,6 +267,12 @@ class SegmentIndex:
         return "seg-" + default_hash_fn(data)[:16].hex()
 
     # ----- internals ---------------------------------------------------------------------------
+
+    def _on_evict(self, block_id: int) -> None:
+        """Pool evict hook: the block leaves the any-offset index; the listener hears of it."""
+        self._runs.drop_block(block_id)
+        if self._listener is not None:
+            self._listener.block_removed(block_id)
 
     def _on_pressure(self, num_blocks: int) -> None:
         """Pool pressure hook: unpin least-used segments (fewest hits, then least recently used)

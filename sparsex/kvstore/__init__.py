@@ -18,7 +18,7 @@ from sparsex.kvstore.disk import DiskTier
 from sparsex.kvstore.keys import entry_key, model_fingerprint
 from sparsex.kvstore.metrics import StoreMetrics
 from sparsex.kvstore.redis_tier import RedisTier
-from sparsex.kvstore.tiers import LoadedEntry, StoreHit, Tier, TieredStore
+from sparsex.kvstore.tiers import LoadedEntry, StoreHit, StoreListener, Tier, TieredStore
 from sparsex.kvstore.writer import BackgroundWriter
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "RedisTier",
     "StorageDtype",
     "StoreHit",
+    "StoreListener",
     "StoreMetrics",
     "Tier",
     "TieredStore",

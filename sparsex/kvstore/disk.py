@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import quote, unquote
 
@@ -42,8 +42,11 @@ class DiskTier:
         fsync: bool = False,
         metrics: StoreMetrics | None = None,
         name: str = "disk",
+        on_evict: Callable[[str], None] | None = None,
     ) -> None:
-        """fsync: flush each file to the device before renaming it (survives power loss, slower)."""
+        """fsync: flush each file to the device before renaming it (survives power loss, slower).
+        on_evict: told of each key evicted to stay within the budget (with the tier's lock held:
+        it must not call back into the tier)."""
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         self.name = name
@@ -51,6 +54,7 @@ class DiskTier:
         self.max_bytes = max_bytes
         self.fsync = fsync
         self.metrics = metrics if metrics is not None else StoreMetrics()
+        self.on_evict = on_evict
         self._faults = FaultLog(name, f"at {self.path}")
         self._lock = threading.Lock()
         self._index: OrderedDict[str, int] = OrderedDict()  # key -> size, LRU first
@@ -97,6 +101,8 @@ class DiskTier:
             key, size = self._index.popitem(last=False)
             self._num_bytes -= size
             victims.append(key)
+            if self.on_evict is not None:
+                self.on_evict(key)
         return victims
 
     def _unlink(self, keys: list[str]) -> None:

@@ -46,6 +46,15 @@ class Tier(Protocol):
     def close(self) -> None: ...
 
 
+class StoreListener(Protocol):
+    """Told of every key a tier stored or dropped (e.g. the KV event publisher). Called from the
+    thread that wrote or deleted (the background writer's, or the engine's); must not block."""
+
+    def stored(self, key: str, tier: str) -> None: ...
+
+    def removed(self, key: str, tier: str) -> None: ...
+
+
 class FaultLog:
     """One warning when a tier starts failing, one info line when it works again (not one per call).
 
@@ -100,14 +109,18 @@ class TieredStore:
     """Tiers asked in order; a hit stops the search. Writes go to every tier (or the named ones).
 
     Invariant: nothing here raises on a tier fault and nothing returns unverified KV from ``load``.
+    ``listener`` hears of every put that stored and every delete (a tier's own evictions are its
+    own to report: ``DiskTier(on_evict=...)``).
     """
 
-    def __init__(self, tiers: Sequence[Tier], metrics: StoreMetrics | None = None) -> None:
+    def __init__(self, tiers: Sequence[Tier], metrics: StoreMetrics | None = None,
+                 listener: StoreListener | None = None) -> None:
         names = [t.name for t in tiers]
         if len(set(names)) != len(names):
             raise ValueError(f"tier names must be unique, got {names}")
         self.tiers = tuple(tiers)
         self.metrics = metrics if metrics is not None else StoreMetrics()
+        self.listener = listener
 
     @property
     def tier_names(self) -> tuple[str, ...]:
@@ -160,7 +173,7 @@ class TieredStore:
             except EntryRejected as err:
                 log.warning("kv store: rejected %s from tier %s: %s", key, tier.name, err)
                 self.metrics.rejected(tier.name)
-                tier.delete(key)
+                self._delete(tier, key)
                 continue
             self.metrics.hit(tier.name, len(value), seconds)
             return LoadedEntry(entry, tier.name, self.tier_names[:i], value, seconds)
@@ -176,6 +189,8 @@ class TieredStore:
             if (tiers is None or tier.name in tiers) and tier.put(key, value):
                 self.metrics.written(tier.name, len(value))
                 stored.append(tier.name)
+                if self.listener is not None:
+                    self.listener.stored(key, tier.name)
         return tuple(stored)
 
     def contains(self, key: str) -> tuple[str, ...]:
@@ -184,7 +199,12 @@ class TieredStore:
 
     def delete(self, key: str) -> None:
         for tier in self.tiers:
-            tier.delete(key)
+            self._delete(tier, key)
+
+    def _delete(self, tier: Tier, key: str) -> None:
+        tier.delete(key)
+        if self.listener is not None:
+            self.listener.removed(key, tier.name)
 
     def close(self) -> None:
         for tier in self.tiers:

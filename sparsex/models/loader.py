@@ -1,8 +1,10 @@
 """Find, convert and load model weights.
 
-A model is named by an alias (``smollm2``, ``gemma3-270m``), a ``.gguf`` file, or a
-Hugging Face-style folder (config.json + safetensors + tokenizer files). A GGUF is
-dequantized once into a cached safetensors folder, so later loads take seconds.
+A model is named by an alias (``smollm2``, ``gemma3-270m``), a ``.gguf`` file, a
+Hugging Face-style folder (config.json + safetensors + tokenizer files), or a Hugging Face
+Hub id (``org/name``, ``org/name:file.gguf``; downloaded by ``hub.py``). A string that is an
+existing local path is always the path. A GGUF is dequantized once into a cached safetensors
+folder, so later loads take seconds.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 from sparsex.models.gemma3 import FAMILY_TYPES as GEMMA3_TYPES
 from sparsex.models.gemma3 import Gemma3Model
 from sparsex.models.hf_config import read_config
+from sparsex.models.hub import fetch_model, parse_hub_id
 from sparsex.models.llama import FAMILY_TYPES as LLAMA_TYPES
 from sparsex.models.llama import LlamaModel
 
@@ -88,8 +91,9 @@ def _gemma3_gguf() -> Path:
     return target
 
 
-def resolve_model(model: str | None) -> Path:
-    """Return a Hugging Face-style folder for ``model``, converting a GGUF if needed."""
+def resolve_model(model: str | None, revision: str | None = None) -> Path:
+    """Return a Hugging Face-style folder for ``model``, downloading a Hub id (at ``revision``) and
+    converting a GGUF if needed."""
     name = model or DEFAULT_MODEL
     alias = ALIASES.get(name.lower())
     if alias == "smollm2":
@@ -101,9 +105,12 @@ def resolve_model(model: str | None) -> Path:
         return convert_gguf(path)
     if path.is_dir() and (path / "config.json").exists():
         return path
+    if not path.exists() and parse_hub_id(name) is not None:
+        fetched = fetch_model(name, revision)
+        return convert_gguf(fetched) if fetched.suffix == ".gguf" else fetched
     raise UnknownModelError(
         f"unknown model {name!r}: expected one of {sorted(set(ALIASES))}, a .gguf file, "
-        "or a folder with config.json"
+        "a folder with config.json, or a Hugging Face Hub id (org/name, org/name:file.gguf)"
     )
 
 
@@ -151,10 +158,21 @@ def load_config(folder: Path) -> Any:
     return read_config(folder)
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of the model: those the index names, else ``model.safetensors``, else all
+    (a Hub snapshot may also hold other formats' files, e.g. Mistral's ``consolidated.safetensors``)."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+    if (folder / "model.safetensors").exists():
+        return [folder / "model.safetensors"]
+    return sorted(folder.glob("*.safetensors"))
+
+
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    files = sorted(folder.glob("*.safetensors"))
+    files = weight_files(folder)
     if not files:
         raise UnknownModelError(f"no .safetensors weights in {folder}")
     sd: dict[str, torch.Tensor] = {}
@@ -176,7 +194,10 @@ def load_model(folder: Path, device: torch.device) -> tuple[nn.Module, Any]:
     model.to(device).eval()
     if isinstance(model, Gemma3Model):
         model.embed_scale = torch.tensor(cfg.hidden_size**0.5)
-    _log(f"loaded {folder.name} ({cfg.model_type}, {cfg.num_hidden_layers} layers) in "
+    name = folder.name
+    if folder.parent.name == "snapshots":  # a Hub cache snapshot: models--org--name/snapshots/<commit>
+        name = folder.parent.parent.name.removeprefix("models--").replace("--", "/") + "@" + folder.name[:12]
+    _log(f"loaded {name} ({cfg.model_type}, {cfg.num_hidden_layers} layers) in "
          f"{time.perf_counter() - t0:.1f}s")
     return model, cfg
 

@@ -31,6 +31,7 @@ that entry (the request recomputes it).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sparsex.kvevents import KVEventRecorder
 from sparsex.kvstore import (
     BackgroundWriter,
     DiskTier,
@@ -133,8 +135,10 @@ class TierCache:
     """
 
     def __init__(self, store: SegmentStore, fingerprint: str, tiers: TieredStore, options: TierOptions,
-                 writer: BackgroundWriter | None = None) -> None:
+                 writer: BackgroundWriter | None = None, kv_events: KVEventRecorder | None = None) -> None:
+        """``kv_events``: told each entry's tokens before it is written (KV events per tier)."""
         self.segments = store
+        self.kv_events = kv_events
         self.fingerprint = fingerprint
         self.tiers = tiers
         self.options = options
@@ -149,15 +153,17 @@ class TierCache:
         store.on_publish = self.on_published
 
     @classmethod
-    def open(cls, store: SegmentStore, model_path: Path, kv_dtype: str, options: TierOptions) -> TierCache:
+    def open(cls, store: SegmentStore, model_path: Path, kv_dtype: str, options: TierOptions,
+             kv_events: KVEventRecorder | None = None) -> TierCache:
         """The tiers of ``options`` (disk first, then Redis) for this model; restores pinned entries."""
         tiers: list[Tier] = []
         if options.disk_path is not None:
-            tiers.append(DiskTier(options.disk_path, options.disk_bytes))
+            evicted = None if kv_events is None else functools.partial(kv_events.removed, tier="disk")
+            tiers.append(DiskTier(options.disk_path, options.disk_bytes, on_evict=evicted))
         if options.redis_url is not None:
             tiers.append(RedisTier(options.redis_url))
         fp = model_fingerprint(weights_identity(model_path), kv_dtype, store.pool.block_size)
-        cache = cls(store, fp, TieredStore(tiers), options)
+        cache = cls(store, fp, TieredStore(tiers, listener=kv_events), options, kv_events=kv_events)
         cache.restore_pins()
         return cache
 
@@ -183,6 +189,8 @@ class TierCache:
         entry = KVEntry(self.fingerprint, seg.namespace, entry_hash(seg.token_ids), list(seg.token_ids),
                         positions, keys, values)
         records = self._index_records(entry)
+        if self.kv_events is not None:
+            self.kv_events.entry(key, seg.namespace, seg.token_ids)
         if seg.segment_id is not None:  # written through: a restart must find it
             value = encode_entry(entry, self.options.storage_dtype)
             stored = self.tiers.put(key, value)
@@ -293,6 +301,9 @@ class TierCache:
                                                   pinned=pinned, name=pin_name)
         if not published:
             return 0
+        if self.kv_events is not None:  # the tier it came from holds it too
+            self.kv_events.entry(key, ns, e.token_ids)
+            self.kv_events.stored(key, hit.tier)
         if hit.missed:  # copy into the faster tiers, with the block index
             self.writer.submit(key, hit.value, tiers=hit.missed, then=self._index_records(e))
         self._remember(key, _Known(e.token_ids, ns, e.positions[0]))

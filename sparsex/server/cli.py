@@ -27,7 +27,10 @@ def parse_memory(text: str) -> int | float:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="alias, .gguf file or model folder (default: smollm2)")
+    parser.add_argument("--model", default=None,
+                        help="alias, .gguf file, model folder, or Hugging Face Hub id (org/name, "
+                             "org/name:file.gguf; HF_TOKEN, HF_HOME, HF_HUB_OFFLINE apply) (default: smollm2)")
+    parser.add_argument("--revision", default=None, help="branch, tag or commit of a Hub model (default: main)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--reuse", choices=reuse_methods(), default=None,
@@ -69,6 +72,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                        help="byte budget of the disk tier (e.g. 20G; default 8G)")
     store.add_argument("--kv-store-dtype", choices=["bfloat16", "float16", "float32"], default=None,
                        help="K/V dtype in the tiers (default bfloat16; float32 is bitwise)")
+    ev = parser.add_argument_group("KV events for KV-aware routers, in vLLM's format (see docs/DEPLOYMENT.md)")
+    ev.add_argument("--kv-events", default=None, metavar="ENDPOINT",
+                    help="publish every block stored / evicted / cleared (pool, disk, Redis) on a ZMQ PUB "
+                         "socket bound here, e.g. tcp://*:5557 or tcp://127.0.0.1:5557")
+    ev.add_argument("--kv-events-replay", default=None, metavar="ENDPOINT",
+                    help="ZMQ ROUTER endpoint where subscribers ask for missed batches (e.g. tcp://*:5558)")
+    ev.add_argument("--kv-events-topic", default="", help="topic frame of every message (default: empty)")
+    ev.add_argument("--kv-events-token-ids", action="store_true",
+                    help="publish token ids of every namespace's blocks (default: only of the shared one; "
+                         "tenants' blocks carry hashes only)")
+    ev.add_argument("--kv-events-hash-seed", default=None, metavar="SEED",
+                    help="seed of the block hashes, vLLM's PYTHONHASHSEED (default: $PYTHONHASHSEED, "
+                         "else vLLM's default 'vllm-none-hash')")
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
@@ -109,7 +125,8 @@ def serve_main(args: argparse.Namespace) -> None:
     kwargs = {} if args.kv_cache_memory is None else {"kv_cache_memory": args.kv_cache_memory}
     kwargs.update(store_kwargs(args))
     kwargs.update(prefill_kwargs(args))
-    llm = LLM(model=args.model, device=args.device, **kwargs)
+    kwargs.update(events_kwargs(args))
+    llm = LLM(model=args.model, device=args.device, revision=getattr(args, "revision", None), **kwargs)
     app = create_app(llm, config)
     # uvicorn's own graceful timeout only matters after the drain, when nothing is left to wait for.
     uv = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
@@ -125,6 +142,20 @@ def store_kwargs(args: argparse.Namespace) -> dict[str, object]:
     if isinstance(out["kv_disk_bytes"], float):
         raise ValueError("--kv-disk-bytes is a size (20G), not a fraction")
     return {k: v for k, v in out.items() if v is not None}
+
+
+def events_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    """``LLM``'s ``kv_events`` from the ``--kv-events*`` flags, if ``--kv-events`` was given."""
+    from sparsex.kvevents import KVEventsConfig
+
+    endpoint = getattr(args, "kv_events", None)
+    if endpoint is None:
+        given = [f for f in ("kv_events_replay", "kv_events_hash_seed") if getattr(args, f, None) is not None]
+        if given or getattr(args, "kv_events_token_ids", False) or getattr(args, "kv_events_topic", ""):
+            raise ValueError("the --kv-events-* options need --kv-events ENDPOINT")
+        return {}
+    return {"kv_events": KVEventsConfig(endpoint, args.kv_events_replay, args.kv_events_topic,
+                                        args.kv_events_token_ids, args.kv_events_hash_seed)}
 
 
 def prefill_kwargs(args: argparse.Namespace) -> dict[str, object]:

@@ -76,3 +76,31 @@ def test_max_prefill_tokens_flag() -> None:
     assert cli.prefill_kwargs(parse("--max-prefill-tokens", "0")) == {"max_prefill_tokens": None}
     with pytest.raises(ValueError, match="max-prefill-tokens"):
         cli.prefill_kwargs(parse("--max-prefill-tokens", "-1"))
+
+
+def test_kv_events_flags() -> None:
+    from sparsex.kvevents import KVEventsConfig
+
+    assert cli.events_kwargs(parse()) == {}
+    got = cli.events_kwargs(parse("--kv-events", "tcp://127.0.0.1:5557", "--kv-events-replay", "tcp://127.0.0.1:5558",
+                                  "--kv-events-topic", "kv-events", "--kv-events-token-ids",
+                                  "--kv-events-hash-seed", "7"))
+    assert got == {"kv_events": KVEventsConfig("tcp://127.0.0.1:5557", "tcp://127.0.0.1:5558", "kv-events",
+                                               token_ids=True, hash_seed="7")}
+    assert cli.events_kwargs(parse("--kv-events", "tcp://*:5557")) == {"kv_events": KVEventsConfig("tcp://*:5557")}
+    with pytest.raises(ValueError, match="need --kv-events"):
+        cli.events_kwargs(parse("--kv-events-token-ids"))
+
+
+def test_serve_main_publishes_kv_events_and_closes_them(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sparsex.server.lifecycle import DrainingServer
+    from tests.kvevents.subscriber import free_port
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(DrainingServer, "run", lambda self: seen.update(server=self))
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    cli.serve_main(parse("--model", str(model_dir), "--kv-cache-memory", "32M", "--kv-events", endpoint,
+                         "--revision", "main"))
+    llm = seen["server"].config.app.state.llm
+    assert llm.config.kv_events.endpoint == endpoint and llm.config.revision == "main"
+    assert llm.kv_events.closed  # serve_main closed the engine on its way out
