@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sparsex.request import DEFAULT_TENANT as DEFAULT_ENGINE_TENANT
 from sparsex.server.protocol import APIError
 
 TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -92,6 +93,12 @@ def parse_keys_file(text: str) -> dict[str, str]:
             raise ValueError(f"API keys file, line {num}: a key appears twice")
         keys[key] = tenant
     return keys
+
+
+def engine_tenant(tenant: str | None) -> str:
+    """The tenant the engine schedules a request for (its fair share): the key's tenant, or the
+    engine's default one when keys are off."""
+    return DEFAULT_ENGINE_TENANT if tenant is None else tenant
 
 
 def namespace_for(tenant: str | None, client_namespace: str) -> str:

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sparsex.engine import PromptTooLongError
 from sparsex.sampling_params import SamplingParams
 from sparsex.server import responses as fmt
-from sparsex.server.auth import namespace_for
+from sparsex.server.auth import engine_tenant, namespace_for
 from sparsex.server.config import ServerConfig
 from sparsex.server.engine_api import context_limit
 from sparsex.server.engine_loop import AddFn, EngineLoop, EngineStoppedError, QueueFullError, Submission
@@ -108,7 +108,8 @@ class OpenAIServing:
                            param="model", code="model_not_found")
 
     def engine_kwargs(self, body: _SamplingFields, tenant: str | None) -> tuple[dict[str, Any], str]:
-        """The keyword arguments for ``add_tokenized`` (per-request ``reuse``), and the namespace.
+        """The keyword arguments for ``add_choices`` (per-request ``reuse``, the tenant the engine
+        schedules it for), and the namespace.
 
         The ``sparsex`` object becomes ``reuse={"method", "budget", "namespace"}`` (the fields
         given). The namespace is the client's (``sparsex.namespace``, else ``cache_salt``, else the
@@ -123,7 +124,7 @@ class OpenAIServing:
         namespace = namespace_for(tenant, own if own is not None else self.llm.reuse.namespace)
         wanted = {"method": method, "budget": sx.budget, "namespace": namespace}
         overrides = {k: v for k, v in wanted.items() if v is not None}
-        return {"reuse": overrides}, namespace
+        return {"reuse": overrides, "tenant": engine_tenant(tenant)}, namespace
 
     def sampling_params(
         self, body: _SamplingFields, prompt_len: int, choice: int, max_tokens: int | None, logprobs: bool
