@@ -10,7 +10,6 @@ from sparsex.reuse.options import ReuseOptions
 from sparsex.sampling_params import SamplingParams
 from sparsex.segments import SegmentSpan
 
-
 DEFAULT_TENANT = "default"
 """The tenant of requests that name none (the Python API; the server without API keys)."""
 
