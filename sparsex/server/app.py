@@ -27,7 +27,7 @@ from sparsex.server.engine_loop import EngineLoop
 from sparsex.server.lifecycle import Lifecycle, ServerMiddleware
 from sparsex.server.limits import is_ascii_number, read_json
 from sparsex.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
-from sparsex.server.placement import cache_entries, cache_events
+from sparsex.server.placement import TenantEvents, cache_entries, cache_events
 from sparsex.server.protocol import RETRY_HEADERS, APIError, bad_request, reuse_methods, validation_error
 from sparsex.server.segments import SegmentService
 from sparsex.server.serving import OpenAIServing
@@ -46,7 +46,8 @@ def create_app(llm: ServedLLM, config: ServerConfig | None = None, **options: An
     The app's ``state.lifecycle`` drains it (``DrainingServer`` calls that on SIGTERM).
     """
     cfg = dataclasses.replace(config or ServerConfig(), **options)
-    engine = EngineLoop(llm, max_queue=cfg.max_queue)
+    events = TenantEvents(keyed=cfg.tenants.enabled)
+    engine = EngineLoop(llm, max_queue=cfg.max_queue, after_step=events.pull)
     metrics = ServerMetrics(reuse_methods(), hide_cache_usage=cfg.hide_cache_usage)
     lifecycle = Lifecycle(engine, cfg.shutdown_grace_s)
     model_name = cfg.served_model_name or llm.model_name
@@ -153,7 +154,7 @@ def create_app(llm: ServedLLM, config: ServerConfig | None = None, **options: An
         since = request.query_params.get("since", "0")
         if not is_ascii_number(since) or len(since) > 18:
             raise bad_request("since must be a non-negative integer (ASCII digits)", param="since")
-        return JSONResponse(await cache_events(engine, tenant, int(since)))
+        return JSONResponse(await cache_events(engine, events, tenant, int(since)))
 
     return app
 

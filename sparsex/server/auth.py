@@ -111,6 +111,13 @@ def owns(tenant: str | None, namespace: str) -> bool:
     return tenant is None or namespace.startswith(f"{tenant}{SEPARATOR}")
 
 
+def tenant_of(namespace: str) -> str | None:
+    """The tenant an engine namespace belongs to (the text before the first ``/``, when it is a
+    tenant name), or None for a namespace no tenant's request can produce."""
+    tenant, sep, _ = namespace.partition(SEPARATOR)
+    return tenant if sep and TENANT_NAME.fullmatch(tenant) else None
+
+
 def client_namespace(tenant: str | None, namespace: str) -> str:
     """The namespace as the tenant's client named it (the tenant prefix removed)."""
     return namespace if tenant is None else namespace[len(tenant) + len(SEPARATOR) :]

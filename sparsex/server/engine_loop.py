@@ -129,13 +129,17 @@ class EngineLoop:
     """Runs ``llm.step()`` on one background thread while there is work.
 
     max_queue: most engine requests in flight (waiting + running) before ``submit`` refuses.
+    after_step: called with the engine on the engine thread after every step and every batch of
+        commands (the server numbers store events per tenant there); a failure is logged, never raised.
     """
 
-    def __init__(self, llm: ServedLLM, max_queue: int = 256) -> None:
+    def __init__(self, llm: ServedLLM, max_queue: int = 256,
+                 after_step: Callable[[ServedLLM], None] | None = None) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.llm = llm
         self.max_queue = max_queue
+        self._after_step = after_step
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._num_inflight = 0  # guarded by _lock
@@ -251,6 +255,11 @@ class EngineLoop:
             self._report_changes()  # a command may have stepped the engine (pinning runs requests)
             if llm.has_unfinished() and not self._step():
                 time.sleep(0.002)  # work is queued but nothing is schedulable yet: don't spin
+            if self._after_step is not None:
+                try:
+                    self._after_step(llm)
+                except Exception:
+                    log.exception("after-step hook failed")
 
     def _next_commands(self, block: bool) -> list[_Command]:
         cmds: list[_Command] = [self._inbox.get()] if block else []
