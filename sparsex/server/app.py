@@ -47,7 +47,8 @@ def create_app(llm: ServedLLM, config: ServerConfig | None = None, **options: An
     """
     cfg = dataclasses.replace(config or ServerConfig(), **options)
     events = TenantEvents(keyed=cfg.tenants.enabled)
-    engine = EngineLoop(llm, max_queue=cfg.max_queue, after_step=events.pull)
+    engine = EngineLoop(llm, max_queue=cfg.max_queue, max_queue_per_tenant=cfg.max_queue_per_tenant,
+                        after_step=events.pull)
     metrics = ServerMetrics(reuse_methods(), hide_cache_usage=cfg.hide_cache_usage)
     lifecycle = Lifecycle(engine, cfg.shutdown_grace_s)
     model_name = cfg.served_model_name or llm.model_name

@@ -61,7 +61,7 @@ class SegmentService:
                 raise
             return list(pins)
 
-        sub = await submit(self.engine, add, len(docs), param="documents")
+        sub = await submit(self.engine, add, len(docs), param="documents", tenant=tenant)
         pending = len(docs)
         while pending:  # the loop reports each pin once it is done (or failed, or aborted)
             ev = await sub.events.get()

@@ -76,7 +76,7 @@ class OpenAIServing:
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         max_tokens = body.max_completion_tokens or body.max_tokens
         add = self.make_add([encode], body, max_tokens, body.logprobs, options, rid, "messages")
-        sub = await self.submit(add, body.n)
+        sub = await self.submit(add, body.n, tenant)
         head = fmt.Head(rid, int(time.time()), self.model_name, body.n, self.config.hide_cache_usage)
         top = body.top_logprobs or 0
         if body.stream:
@@ -91,7 +91,7 @@ class OpenAIServing:
         encoders = [_encoder(p) for p in body.prompt_list()]
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         add = self.make_add(encoders, body, body.max_tokens, body.logprobs is not None, options, rid, "prompt")
-        sub = await self.submit(add, body.n * len(encoders))
+        sub = await self.submit(add, body.n * len(encoders), tenant)
         head = fmt.Head(rid, int(time.time()), self.model_name, body.n, self.config.hide_cache_usage)
         if body.stream:
             stream = fmt.completion_stream(self.events(sub), head, body.stop_list(), body.logprobs,
@@ -174,8 +174,8 @@ class OpenAIServing:
 
         return add
 
-    async def submit(self, add: AddFn, num_requests: int) -> Submission:
-        return await submit(self.engine, add, num_requests, param="n")
+    async def submit(self, add: AddFn, num_requests: int, tenant: str | None) -> Submission:
+        return await submit(self.engine, add, num_requests, param="n", tenant=tenant)
 
     # ----- engine -> response ----------------------------------------------------------------------
 
@@ -210,13 +210,13 @@ class OpenAIServing:
         return _SSEResponse(chunks, on_close=lambda: self.engine.abort(sub))
 
 
-async def submit(engine: EngineLoop, add: AddFn, num_requests: int, param: str) -> Submission:
+async def submit(engine: EngineLoop, add: AddFn, num_requests: int, param: str, tenant: str | None) -> Submission:
     """Hand ``add`` to the engine thread, mapping its failures to HTTP errors."""
-    if num_requests > engine.max_queue:  # can never be admitted: a 429 would invite a retry
-        raise bad_request(f"{num_requests} engine requests exceed this server's limit of {engine.max_queue} "
+    if num_requests > engine.tenant_limit:  # can never be admitted: a 429 would invite a retry
+        raise bad_request(f"{num_requests} engine requests exceed this server's limit of {engine.tenant_limit} "
                           "in flight", param=param, code="too_many_choices")
     try:
-        return await engine.submit(add, num_requests)
+        return await engine.submit(add, num_requests, tenant)
     except APIError:
         raise
     except QueueFullError as e:

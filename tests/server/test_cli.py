@@ -76,3 +76,9 @@ def test_max_prefill_tokens_flag() -> None:
     assert cli.prefill_kwargs(parse("--max-prefill-tokens", "0")) == {"max_prefill_tokens": None}
     with pytest.raises(ValueError, match="max-prefill-tokens"):
         cli.prefill_kwargs(parse("--max-prefill-tokens", "-1"))
+
+
+def test_a_tenant_gets_half_the_queue_by_default_with_keys() -> None:
+    assert cli.server_config(parse("--api-key", "k", "--max-queue", "10")).max_queue_per_tenant == 5
+    assert cli.server_config(parse("--max-queue", "10")).max_queue_per_tenant is None  # one tenant: no share
+    assert cli.server_config(parse("--api-key", "k", "--max-queue-per-tenant", "9")).max_queue_per_tenant == 9
