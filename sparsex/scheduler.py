@@ -1,39 +1,44 @@
 """Scheduler: decides what each engine step runs (pure Python, no torch).
 
-    waiting (a FIFO per tenant) ──admit──▶ prefilling ──prefill chunks──▶ running (decode batches) ──▶ finished
-     tenants take turns                     tenants take turns, then        (followers join here)
-                                            fewest tokens left, with aging
+    waiting (a FIFO per tenant) ──admit──▶ prefilling ──chunks──▶ running (decode batches) ──▶ finished
+      tenants take turns                    tenants take turns,    (followers join here)
+                                            then fewest tokens
+                                            left, with aging
 
 A step runs one prefill chunk (at most ``max_prefill_tokens`` tokens of a full prefill, or a whole
 reuse prefill, which is not chunked) or one decode batch of every running request. Policy:
 
-1. **Admission.** Tenants with waiting requests take turns, the one admitted least recently first;
-   within a tenant, first come first served. The head of the tenant whose turn it is is admitted
-   when the KV manager can find its cache hits and hold its whole prompt and ``max_tokens`` (and its
-   followers': other choices of the same prompt) beside what admitted requests reserved, and fewer
-   than ``max_num_seqs`` requests are admitted. If it does not fit, nobody is admitted: it keeps its
-   turn until finishing requests free room (so small requests cannot starve a big one of KV).
-   Admission reserves every block a request may still need, so a running request never runs out of
-   KV and no preemption is needed.
+1. **Admission.** Tenants with waiting requests take turns (a tenant goes to the back after its
+   turn, and one that starts waiting joins at the back); within a tenant, first come first served.
+   The head of the tenant whose turn it is is admitted when the KV manager can find its cache hits
+   and hold its whole prompt and ``max_tokens`` (and its followers': other choices of the same
+   prompt) beside what admitted requests reserved, and fewer than ``max_num_seqs`` requests are
+   admitted. If it does not fit, nobody is admitted: it keeps its turn until finishing requests
+   free room (so small requests cannot starve a big one of KV). So before a waiting request is
+   admitted, at most (j + 1) · T - 1 others are (j: requests of its own tenant ahead of it; T:
+   tenants with requests waiting), and between two admissions the scheduler waits only for room,
+   which admitted requests free as they finish. Admission reserves every block a request may still
+   need, so a running request never runs out of KV and no preemption is needed.
 2. **Prefill or decode.** When both are waiting they alternate, so decoding never stalls behind
    prefills and prefills always progress: a prefill chunk runs at least every second step.
-3. **Which prefill.** Tenants with a request prefilling take turns, the one served least recently
-   first. Within the tenant, the request with the fewest prompt tokens left runs (a short request
-   gets its first token after one chunk), unless some request has gone ``max_skips`` of its
-   tenant's turns without a chunk: then the one that has gone longest runs (aging).
+3. **Which prefill.** Tenants with a request prefilling take turns, the same way. Within the
+   tenant, the request with the fewest prompt tokens left runs (a short request gets its first
+   token after one chunk), unless some request has gone ``max_skips`` of its tenant's turns
+   without a chunk: then the one that has gone longest runs (aging).
 
-**The bound.** With T tenants with a request prefilling and N requests prefilling in a request's
-own tenant, a request with c prefill chunks left gets its first token within
+**The bound.** With at most T tenants with a request prefilling and at most N requests prefilling
+in a request's own tenant (N <= ``max_num_seqs``) while it waits, a request with c prefill chunks
+left gets its first token within
 
     2 · T · (max_skips + N) · c   engine steps      (2 · T · c when it is its tenant's only one)
 
-whatever the others send. Why: a prefill step comes at least every 2 steps (rule 2); the tenant's
-turn at least every T prefill steps (a tenant that joins goes behind those already waiting); and
-the request is passed over at most ``max_skips`` + N - 1 of its tenant's turns in a row: after
-``max_skips`` it is due, and only the N - 1 others that have waited longer can go before it, once
-each (their wait restarts at 0 when they run). Requests admitted later never get ahead of a due one.
-c is ``ceil(tokens left / max_prefill_tokens)`` for a full prefill and 1 for a reuse prefill,
-whose one step may be long.
+of its admission, whatever the others send. Why: a prefill step comes at least every 2 steps
+(rule 2); the tenant's turn at least every T prefill steps (a tenant that joins goes behind those
+already waiting); and the request is passed over at most ``max_skips`` + N - 1 of its tenant's
+turns in a row: after ``max_skips`` it is due, and only the N - 1 others that have waited longer
+can go before it, once each (their wait restarts at 0 when they run); requests admitted later
+never get ahead of a due one. c is ``ceil(tokens left / max_prefill_tokens)`` for a full prefill
+and 1 for a reuse prefill, whose one step may be long.
 """
 
 from __future__ import annotations
