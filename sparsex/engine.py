@@ -34,7 +34,7 @@ from sparsex.kvevents import KVEventRecorder, KVEventsConfig
 from sparsex.model_runner import ModelRunner, SeqInput
 from sparsex.models.base import ModelSpec
 from sparsex.models.loader import load_model, resolve_model
-from sparsex.request import Request
+from sparsex.request import DEFAULT_TENANT, Request
 from sparsex.reuse.options import METHODS, ReuseOptions, resolve_reuse
 from sparsex.reuse.planner import Planner
 from sparsex.reuse.prefill import Prefiller, PrefillTask
@@ -124,13 +124,15 @@ class LLM(Outputs, PinnedSegments):
         request_id: str | None = None,
         reuse: str | ReuseOptions | dict[str, Any] | None = None,
         keep_first_logits: bool | int = False,
+        tenant: str = DEFAULT_TENANT,
     ) -> Request:
         """Queue ``prompt``; ``keep_first_logits`` keeps the first token's distribution and the
         recomputed positions for ``output_of`` (analysis); an int ``n`` also keeps the distributions
-        of the first ``n`` generated tokens (``RequestOutput.step_logprobs``)."""
+        of the first ``n`` generated tokens (``RequestOutput.step_logprobs``). ``tenant``: who it is
+        served for; tenants share prefill turns fairly (``sparsex.scheduler``)."""
         params = params or SamplingParams()
         ids, spans = self.tokenizer.encode_prompt(prompt)
-        return self.add_tokenized(ids, params, spans, request_id, reuse, keep_first_logits)
+        return self.add_tokenized(ids, params, spans, request_id, reuse, keep_first_logits, tenant)
 
     def add_tokenized(
         self,
@@ -140,8 +142,9 @@ class LLM(Outputs, PinnedSegments):
         request_id: str | None = None,
         reuse: str | ReuseOptions | dict[str, Any] | None = None,
         keep_first_logits: bool | int = False,
+        tenant: str = DEFAULT_TENANT,
     ) -> Request:
-        req = self._new_request(ids, params, spans, request_id, reuse)
+        req = self._new_request(ids, params, spans, request_id, reuse, tenant)
         self._generators[req.request_id] = make_generator(params, self.device)
         if keep_first_logits:
             self._keep_first[req.request_id] = int(keep_first_logits)
@@ -150,7 +153,7 @@ class LLM(Outputs, PinnedSegments):
 
     def _new_request(
         self, ids: list[int], params: SamplingParams, spans: Sequence[Any], request_id: str | None,
-        reuse: str | ReuseOptions | dict[str, Any] | None,
+        reuse: str | ReuseOptions | dict[str, Any] | None, tenant: str,
     ) -> Request:
         """A validated request (not queued)."""
         opts = resolve_reuse(self.reuse, reuse, self.methods)
@@ -164,7 +167,9 @@ class LLM(Outputs, PinnedSegments):
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
                 f"context of {self.spec.max_position} tokens"
             )
-        req = Request(request_id or f"req-{next(self._ids)}", ids, params, list(spans), reuse=opts)
+        if not isinstance(tenant, str):
+            raise TypeError(f"tenant must be a string, got {type(tenant).__name__}")
+        req = Request(request_id or f"req-{next(self._ids)}", ids, params, list(spans), tenant=tenant, reuse=opts)
         if req.blocks_needed(self.pool.block_size) > self.pool.num_blocks:
             raise PromptTooLongError(
                 f"prompt + max_tokens needs {total} tokens of KV but the pool holds "
@@ -180,6 +185,7 @@ class LLM(Outputs, PinnedSegments):
         spans: Sequence[Any] = (),
         request_ids: Sequence[str] | None = None,
         reuse: str | ReuseOptions | dict[str, Any] | None = None,
+        tenant: str = DEFAULT_TENANT,
     ) -> list[Request]:
         """``len(params)`` choices of one prompt that share one prefill: the first is prefilled, the
         others copy its prompt KV and sample their first token from the same logits, each with its
@@ -187,8 +193,9 @@ class LLM(Outputs, PinnedSegments):
         if not params:
             raise ValueError("at least one choice is needed")
         ids_of = list(request_ids) if request_ids is not None else [None] * len(params)
-        leader = self._new_request(ids, params[0], spans, ids_of[0], reuse)
-        leader.followers = [self._new_request(ids, p, spans, rid, reuse) for p, rid in zip(params[1:], ids_of[1:], strict=True)]
+        leader = self._new_request(ids, params[0], spans, ids_of[0], reuse, tenant)
+        leader.followers = [self._new_request(ids, p, spans, rid, reuse, tenant)
+                            for p, rid in zip(params[1:], ids_of[1:], strict=True)]
         for r in (leader, *leader.followers):
             self._generators[r.request_id] = make_generator(r.params, self.device)
         total = sum(r.blocks_needed(self.pool.block_size) for r in (leader, *leader.followers))
@@ -216,7 +223,7 @@ class LLM(Outputs, PinnedSegments):
         decode batch. Returns every request that got a new token, finished or failed in it
         (followers that got their first token and finished pins included)."""
         if self.tiers is not None:  # stored segments the waiting prompts can use -> into the pool
-            self.tiers.prefetch(self.scheduler.waiting)
+            self.tiers.prefetch(self.scheduler.admission_order())
         out = self.scheduler.schedule()
         touched: list[Request] = []
         for req, adm in out.admitted:
@@ -295,8 +302,8 @@ class LLM(Outputs, PinnedSegments):
         except Exception as e:
             self._fail(req, e)
             return [req, *self._fail_followers(req, e)]
-        self.scheduler.remaining[req.request_id] = task.num_remaining
-        req.num_computed_tokens = task.done
+        # the scheduler reads what is left from the request (a reuse prefill: its work left, in tokens)
+        req.num_computed_tokens = len(req.prompt_token_ids) - task.num_remaining
         if res is None:
             return []
         del self._tasks[req.request_id]

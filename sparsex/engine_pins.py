@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from sparsex.engine_outputs import RequestOutput
 from sparsex.kv_manager import KVCacheManager
 from sparsex.models.base import ModelSpec
-from sparsex.request import PinSpec, Request
+from sparsex.request import DEFAULT_TENANT, PinSpec, Request
 from sparsex.reuse.options import ReuseOptions
 from sparsex.reuse.tiers import TierCache
 from sparsex.sampling_params import SamplingParams
@@ -35,6 +35,7 @@ class PinnedSegments:
         def add_tokenized(
             self, ids: list[int], params: SamplingParams, spans: Sequence[Any] = (), request_id: str | None = None,
             reuse: str | ReuseOptions | dict[str, Any] | None = None, keep_first_logits: bool | int = False,
+            tenant: str = DEFAULT_TENANT,
         ) -> Request: ...
 
         def run_to_completion(self, reqs: Sequence[Request]) -> list[RequestOutput]: ...
@@ -51,9 +52,10 @@ class PinnedSegments:
         self.run_to_completion(reqs)
         return [str(r.pinned_segment_id) for r in reqs]
 
-    def add_pin(self, doc: str | list[int], namespace: str = "", name: str | None = None) -> Request:
+    def add_pin(self, doc: str | list[int], namespace: str = "", name: str | None = None,
+                tenant: str = DEFAULT_TENANT) -> Request:
         """Queue the pinning of one document (computed alone, after BOS where the model uses one);
-        its ``pinned_segment_id`` is set when it finishes."""
+        its ``pinned_segment_id`` is set when it finishes. ``tenant``: who it is scheduled for."""
         # Control-token strings in a document are text (as in chat content), so the pinned tokens
         # match the same document wherever a request carries it.
         toks = self.tokenizer.encode(doc, special_tokens=False) if isinstance(doc, str) else [int(t) for t in doc]
@@ -63,7 +65,7 @@ class PinnedSegments:
         if len(ids) > self.spec.max_position:
             raise ValueError(f"document of {len(ids)} tokens exceeds the context of {self.spec.max_position}")
         opts = ReuseOptions(method="none", namespace=namespace, register=False, auto_segments=False)
-        req = self.add_tokenized(ids, SamplingParams(max_tokens=1), reuse=opts)
+        req = self.add_tokenized(ids, SamplingParams(max_tokens=1), reuse=opts, tenant=tenant)
         req.pin = PinSpec(namespace, name, len(toks))
         return req
 

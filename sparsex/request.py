@@ -10,6 +10,9 @@ from sparsex.reuse.options import ReuseOptions
 from sparsex.sampling_params import SamplingParams
 from sparsex.segments import SegmentSpan
 
+DEFAULT_TENANT = "default"
+"""The tenant of requests that name none (the Python API; the server without API keys)."""
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -78,18 +81,28 @@ class RequestMetrics:
 
 @dataclass
 class Request:
-    """A prompt being served. Invariant: ``block_table`` covers every computed KV position."""
+    """A prompt being served. Invariant: ``block_table`` covers every computed KV position.
+
+    tenant: who the request is served for; the scheduler shares the engine fairly between tenants
+        (the server sets it from the API key). It does not namespace the cache: ``reuse.namespace``
+        does.
+    num_computed_tokens: positions whose KV is computed (a prefix-cache hit counts from admission).
+    last_prefill_turn: the scheduler's bookkeeping: its tenant's prefill turn when it last ran a
+        chunk (or was admitted).
+    """
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     spans: list[SegmentSpan] = field(default_factory=list)
+    tenant: str = DEFAULT_TENANT
     reuse: ReuseOptions = field(default_factory=ReuseOptions)
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_reserved_blocks: int = 0
+    last_prefill_turn: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     text: str = ""
@@ -106,6 +119,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens_left(self) -> int:
+        """Prompt positions still to prefill (a reuse prefill: its work left, in full-prefill tokens)."""
+        return len(self.prompt_token_ids) - self.num_computed_tokens
 
     @property
     def finished(self) -> bool:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sparsex import LLM, SamplingParams
+from sparsex.request import RequestStatus
 from sparsex.scheduler import Scheduler
 
 
@@ -96,35 +97,15 @@ def test_aborting_the_first_choice_before_its_prefill_aborts_the_others(model: s
     assert not llm.has_unfinished() and llm.step() == []
 
 
-class FakeManager:
-    block_size = 4
-
-    def __init__(self, free: int) -> None:
-        self.free = free
-
-    def admit(self, req: Any, reserved_blocks: int) -> Any:
-        from sparsex.kv_manager import Admission
-
-        need = req.blocks_needed(4)
-        if need > self.free - reserved_blocks:
-            return None
-        self.free -= -(-len(req.prompt_token_ids) // 4)
-        return Admission(0, tuple(range(-(-len(req.prompt_token_ids) // 4))), (), ())
-
-    def allocate_prompt(self, req: Any) -> list[int]:
-        n = -(-len(req.prompt_token_ids) // 4)
-        self.free -= n
-        return list(range(n))
-
-
 def test_scheduler_alternates_prefill_chunks_with_decoding_and_prefers_the_shortest() -> None:
     from sparsex.request import Request
+    from tests.fake_admitter import FakeAdmitter
 
-    sched = Scheduler(FakeManager(free=100))  # type: ignore[arg-type]
+    sched = Scheduler(FakeAdmitter(free=100))  # type: ignore[arg-type]
     long = Request("long", list(range(40)), SamplingParams(max_tokens=1))
     sched.add(long)
     assert sched.schedule().prefill is long
-    sched.remaining["long"] = 30
+    long.num_computed_tokens = 10  # the engine ran one chunk of 10 tokens
     short = Request("short", [1, 2], SamplingParams(max_tokens=1))
     sched.add(short)
     out = sched.schedule()
@@ -134,3 +115,34 @@ def test_scheduler_alternates_prefill_chunks_with_decoding_and_prefers_the_short
     assert sched.schedule().decode == [short]  # a prefill ran last: decode now
     assert sched.schedule().prefill is long  # then the long prefill again
     assert sched.schedule().decode == [short]
+
+
+def test_a_long_prompt_finishes_within_its_bound_under_another_tenants_flood(model: str) -> None:
+    """Tenant b sends two fresh short prompts every step for as long as the test runs; tenant a's one
+    long prompt still gets its first token within 2 * T * c steps of its admission (T = 2 tenants,
+    c = its chunks; it is its tenant's only request: ``sparsex/scheduler.py``). Shortest-first alone
+    ran only b's prompts while they kept coming."""
+    llm = LLM(model=model, kv_cache_memory=32 << 20, max_prefill_tokens=32)
+    rng = torch.Generator().manual_seed(0)
+    flood = SamplingParams(max_tokens=2, ignore_eos=True)
+
+    def short() -> list[int]:  # fresh text: nothing cached
+        return [int(t) for t in torch.randint(5, llm.spec.vocab_size, (20,), generator=rng)]
+
+    for _ in range(4):
+        llm.add_tokenized(short(), flood, reuse="none", tenant="b")
+    long = llm.add_tokenized(long_ids(llm, 600), SamplingParams(max_tokens=1), reuse="none", tenant="a")
+    admitted_at = None
+    b_finished_meanwhile = 0
+    for i in range(1_000):
+        for _ in range(2):
+            llm.add_tokenized(short(), flood, reuse="none", tenant="b")
+        b_finished_meanwhile += sum(r.finished and r.tenant == "b" for r in llm.step())
+        if admitted_at is None and long.status is not RequestStatus.WAITING:
+            admitted_at = i
+        if long.finished:
+            break
+    assert long.finished and long.finish_reason == "length" and admitted_at is not None
+    assert i - admitted_at + 1 <= 2 * 2 * -(-600 // 32)
+    assert b_finished_meanwhile >= 10  # the flood was served too, and was still coming
+    assert llm.scheduler.num_unfinished > 0

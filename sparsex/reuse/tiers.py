@@ -12,8 +12,8 @@
 
 Keys (``sparsex.kvstore.keys``), all under one model fingerprint and namespace (one Cluster slot)::
 
-    entry   sparsex:{fp.ns}:<64 hex>   content hash = BLAKE2b-256 of the entry's token ids
-    block   sparsex:{fp.ns}:<32 hex>   hash of one full block's token ids -> (entry hash, block index)
+    entry   sparsex:{fp.ns}:<64 hex>   content hash = BLAKE2b-256 of the entry's token ids, keyed by ns
+    block   sparsex:{fp.ns}:<32 hex>   keyed hash of one full block's token ids -> (entry hash, block index)
     pins    sparsex:{fp.<pins ns>}:00  JSON list of pinned entries (every namespace)
 
     entry  e0 e1 e2 e3 | e4 e5 e6 e7 | e8 e9          B = 4: index records for blocks 0 and 1
@@ -32,6 +32,7 @@ that entry (the request recomputes it).
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import time
@@ -60,6 +61,7 @@ from sparsex.kvstore.keys import key_prefix
 from sparsex.request import Request
 from sparsex.reuse.store import PublishedSegment, SegmentStore
 from sparsex.reuse.tier_keys import (
+    INDEX_VERSION,
     PINS_NAMESPACE,
     block_hash,
     entry_hash,
@@ -178,7 +180,8 @@ class TierCache:
             log.exception("kv store: could not write a published segment; it stays in the pool only")
 
     def _write(self, seg: PublishedSegment) -> None:
-        key = entry_key(self.fingerprint, seg.namespace, entry_hash(seg.token_ids))
+        content = entry_hash(seg.token_ids, seg.namespace)
+        key = entry_key(self.fingerprint, seg.namespace, content)
         if key in self._known and seg.segment_id is None:
             self._known.move_to_end(key)
             return  # already written by this replica (or promoted from a tier)
@@ -186,7 +189,7 @@ class TierCache:
         slots = seg.slots.to(kv.k.device)
         keys, values = kv.k[:, slots].cpu(), kv.v[:, slots].cpu()  # own copies: [L, T, H, D]
         positions = list(range(seg.start_pos, seg.start_pos + len(seg.token_ids)))
-        entry = KVEntry(self.fingerprint, seg.namespace, entry_hash(seg.token_ids), list(seg.token_ids),
+        entry = KVEntry(self.fingerprint, seg.namespace, content, list(seg.token_ids),
                         positions, keys, values)
         records = self._index_records(entry)
         if self.kv_events is not None:
@@ -209,7 +212,7 @@ class TierCache:
         bs, toks = self.block_size, entry.token_ids
         out = []
         for i in range(len(toks) // bs):
-            rkey = entry_key(self.fingerprint, entry.namespace, block_hash(toks[i * bs : (i + 1) * bs]))
+            rkey = entry_key(self.fingerprint, entry.namespace, block_hash(toks[i * bs : (i + 1) * bs], entry.namespace))
             out.append((rkey, index_record(entry.content_hash, i)))
         return out
 
@@ -243,7 +246,7 @@ class TierCache:
         for a, b, region_ns in namespace_regions(n - 1, spans, ns):  # never the last token
             covered = self._pool_covered(ids[a:b], region_ns)
             prefix = key_prefix(self.fingerprint, region_ns)
-            for p, window in enumerate(window_hashes(ids[a:b], bs), start=a):
+            for p, window in enumerate(window_hashes(ids[a:b], bs, region_ns), start=a):
                 if not all(covered[p - a : p - a + bs]):
                     wanted.setdefault(prefix + window, (region_ns, p))
         if not wanted:
@@ -281,7 +284,7 @@ class TierCache:
             return None
         e = hit.entry
         contiguous = e.positions == list(range(e.positions[0], e.positions[0] + e.num_tokens)) if e.positions else False
-        if entry_hash(e.token_ids) != content or not contiguous:  # intact, but not what its key names
+        if entry_hash(e.token_ids, ns) != content or not contiguous:  # intact, but not what its key names
             log.warning("kv store: rejected %s from tier %s: token ids or positions do not match", key, hit.tier)
             self.stats.num_rejected += 1
             self.tiers.metrics.rejected(hit.tier)
@@ -324,7 +327,7 @@ class TierCache:
             return []
         try:
             data = json.loads(hit.value)
-            pins = data["pins"] if data.get("v") == 1 else []
+            pins = data["pins"] if data.get("v") == INDEX_VERSION else []
             return [p for p in pins if isinstance(p, dict) and {"key", "namespace", "content"} <= p.keys()]
         except (ValueError, TypeError, KeyError, AttributeError):
             log.warning("kv store: unreadable pins manifest ignored")
@@ -338,9 +341,9 @@ class TierCache:
         if add is not None:
             key, seg = add
             pins = [p for p in pins if p["key"] != key]
-            pins.append({"key": key, "namespace": seg.namespace, "content": entry_hash(seg.token_ids),
+            pins.append({"key": key, "namespace": seg.namespace, "content": entry_hash(seg.token_ids, seg.namespace),
                          "name": seg.name, "num_tokens": len(seg.token_ids)})
-        self.tiers.put(self._manifest_key(), json.dumps({"v": 1, "pins": pins}).encode())
+        self.tiers.put(self._manifest_key(), json.dumps({"v": INDEX_VERSION, "pins": pins}).encode())
 
     def restore_pins(self) -> list[str]:
         """Load and pin again every entry of the pins manifest; returns the segment ids pinned."""
@@ -382,8 +385,10 @@ class TierCache:
         return out
 
     def events_since(self, seq: int = 0, namespace: str | None = None) -> list[CacheEvent]:
-        """Cache events after ``seq`` (the last ``_MAX_EVENTS`` are kept)."""
-        return [e for e in self.events if e.seq > seq and (namespace is None or e.namespace == namespace)]
+        """Cache events after ``seq`` (the last ``_MAX_EVENTS`` are kept), oldest first; read from
+        the newest back, so polling costs only the new events."""
+        out = list(itertools.takewhile(lambda e: e.seq > seq, reversed(self.events)))
+        return [e for e in reversed(out) if namespace is None or e.namespace == namespace]
 
     def _event(self, kind: str, key: str, ns: str, num_tokens: int, tier: str | None = None) -> None:
         self._seq += 1

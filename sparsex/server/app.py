@@ -25,10 +25,10 @@ from sparsex.server.config import ServerConfig
 from sparsex.server.engine_api import context_limit
 from sparsex.server.engine_loop import EngineLoop
 from sparsex.server.lifecycle import Lifecycle, ServerMiddleware
-from sparsex.server.limits import read_json
+from sparsex.server.limits import is_ascii_number, read_json
 from sparsex.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
-from sparsex.server.placement import cache_entries, cache_events
-from sparsex.server.protocol import APIError, bad_request, reuse_methods, validation_error
+from sparsex.server.placement import TenantEvents, cache_entries, cache_events
+from sparsex.server.protocol import RETRY_HEADERS, APIError, bad_request, reuse_methods, validation_error
 from sparsex.server.segments import SegmentService
 from sparsex.server.serving import OpenAIServing
 
@@ -46,7 +46,9 @@ def create_app(llm: ServedLLM, config: ServerConfig | None = None, **options: An
     The app's ``state.lifecycle`` drains it (``DrainingServer`` calls that on SIGTERM).
     """
     cfg = dataclasses.replace(config or ServerConfig(), **options)
-    engine = EngineLoop(llm, max_queue=cfg.max_queue)
+    events = TenantEvents(keyed=cfg.tenants.enabled)
+    engine = EngineLoop(llm, max_queue=cfg.max_queue, max_queue_per_tenant=cfg.max_queue_per_tenant,
+                        after_step=events.pull)
     metrics = ServerMetrics(reuse_methods(), hide_cache_usage=cfg.hide_cache_usage)
     lifecycle = Lifecycle(engine, cfg.shutdown_grace_s)
     model_name = cfg.served_model_name or llm.model_name
@@ -110,9 +112,9 @@ def create_app(llm: ServedLLM, config: ServerConfig | None = None, **options: An
     @app.get("/health")
     async def health() -> JSONResponse:
         if lifecycle.draining:
-            return JSONResponse({"status": "draining"}, status_code=503)
+            return JSONResponse({"status": "draining"}, status_code=503, headers=RETRY_HEADERS)
         if not engine.is_alive:
-            return JSONResponse({"status": "engine not running"}, status_code=503)
+            return JSONResponse({"status": "engine not running"}, status_code=503, headers=RETRY_HEADERS)
         return JSONResponse({"status": "ok", "model": model_name, "requests_inflight": engine.num_inflight})
 
     @app.get("/metrics")
@@ -151,22 +153,22 @@ def create_app(llm: ServedLLM, config: ServerConfig | None = None, **options: An
     async def list_cache_events(request: Request) -> JSONResponse:
         tenant = admit(request)
         since = request.query_params.get("since", "0")
-        if not since.isdigit() or len(since) > 18:
-            raise bad_request("since must be a non-negative integer", param="since")
-        return JSONResponse(await cache_events(engine, tenant, int(since)))
+        if not is_ascii_number(since) or len(since) > 18:
+            raise bad_request("since must be a non-negative integer (ASCII digits)", param="since")
+        return JSONResponse(await cache_events(engine, events, tenant, int(since)))
 
     return app
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    """Every error leaves as OpenAI-style JSON; bad input is a 4xx, never a 500 or a traceback.
+    """Every error leaves as OpenAI-style JSON; bad input is a 4xx, never a 500 or a traceback;
+    a 429 or 503 says when to retry (``Retry-After``).
 
     (An unexpected exception becomes a 500 in ``ServerMiddleware``.)
     """
 
     def reply(err: APIError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:

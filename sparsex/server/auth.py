@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sparsex.request import DEFAULT_TENANT as DEFAULT_ENGINE_TENANT
 from sparsex.server.protocol import APIError
 
 TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -94,6 +95,12 @@ def parse_keys_file(text: str) -> dict[str, str]:
     return keys
 
 
+def engine_tenant(tenant: str | None) -> str:
+    """The tenant the engine schedules a request for (its fair share): the key's tenant, or the
+    engine's default one when keys are off."""
+    return DEFAULT_ENGINE_TENANT if tenant is None else tenant
+
+
 def namespace_for(tenant: str | None, client_namespace: str) -> str:
     """The engine namespace of a request: the client's own, inside its tenant (see the module doc)."""
     return client_namespace if tenant is None else f"{tenant}{SEPARATOR}{client_namespace}"
@@ -102,6 +109,13 @@ def namespace_for(tenant: str | None, client_namespace: str) -> str:
 def owns(tenant: str | None, namespace: str) -> bool:
     """Whether an engine namespace belongs to ``tenant`` (every namespace does without keys)."""
     return tenant is None or namespace.startswith(f"{tenant}{SEPARATOR}")
+
+
+def tenant_of(namespace: str) -> str | None:
+    """The tenant an engine namespace belongs to (the text before the first ``/``, when it is a
+    tenant name), or None for a namespace no tenant's request can produce."""
+    tenant, sep, _ = namespace.partition(SEPARATOR)
+    return tenant if sep and TENANT_NAME.fullmatch(tenant) else None
 
 
 def client_namespace(tenant: str | None, namespace: str) -> str:

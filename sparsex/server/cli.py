@@ -40,6 +40,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--max-queue", type=int, default=256,
                         help="most requests waiting or running; more get HTTP 429")
+    parser.add_argument("--max-queue-per-tenant", type=int, default=None, metavar="N",
+                        help="most requests one tenant (API key) may have waiting or running; more get HTTP "
+                             "429 (default: half of --max-queue with API keys, else no limit of its own)")
     parser.add_argument("--served-model-name", default=None, help="model id clients send (default: --model)")
     parser.add_argument("--default-max-tokens", type=int, default=256,
                         help="max_tokens for requests that do not set it")
@@ -96,8 +99,12 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         metrics = "key"
     else:  # with API keys, the server-wide counters are nobody's business by default
         metrics = args.metrics or ("off" if tenants.enabled else "open")
+    per_tenant = args.max_queue_per_tenant
+    if per_tenant is None and tenants.enabled:
+        per_tenant = max(1, args.max_queue // 2)
     return ServerConfig(
         max_queue=args.max_queue,
+        max_queue_per_tenant=per_tenant,
         served_model_name=args.served_model_name,
         default_max_tokens=args.default_max_tokens,
         default_reuse=args.reuse,

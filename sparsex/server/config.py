@@ -12,6 +12,9 @@ class ServerConfig:
     """How the server admits, limits and reports requests.
 
     max_queue: most engine requests in flight (waiting + running); past it requests get 429.
+    max_queue_per_tenant: most of them one tenant may hold (429 past it); None = only ``max_queue``.
+        With several tenants, a share below ``max_queue`` keeps one tenant's flood from filling the
+        queue for everyone (``sparsex serve`` sets half of ``max_queue`` when API keys are on).
     served_model_name: the model id clients must send (None = the engine's ``model_name``).
     default_max_tokens: ``max_tokens`` for requests that give none (capped by the context left).
     default_reuse: reuse method for requests whose ``sparsex.reuse`` is absent (None = the engine's).
@@ -29,6 +32,7 @@ class ServerConfig:
     """
 
     max_queue: int = 256
+    max_queue_per_tenant: int | None = None
     served_model_name: str | None = None
     default_max_tokens: int = 256
     default_reuse: str | None = None
@@ -45,7 +49,7 @@ class ServerConfig:
             raise ValueError(f"metrics must be 'open', 'off' or 'key', got {self.metrics!r}")
         if (self.metrics == "key") != bool(self.metrics_key):
             raise ValueError("metrics='key' needs a metrics_key (and only it does)")
-        if self.max_queue < 1 or self.default_max_tokens < 1:
-            raise ValueError("max_queue and default_max_tokens must be >= 1")
+        if self.max_queue < 1 or self.default_max_tokens < 1 or (self.max_queue_per_tenant or 1) < 1:
+            raise ValueError("max_queue, max_queue_per_tenant and default_max_tokens must be >= 1")
         if self.max_body_bytes < 1024 or self.max_json_depth < 4 or self.shutdown_grace_s < 0:
             raise ValueError("max_body_bytes >= 1024, max_json_depth >= 4 and shutdown_grace_s >= 0")

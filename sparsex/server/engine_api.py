@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from sparsex.request import Request
+from sparsex.request import DEFAULT_TENANT, Request
 from sparsex.reuse.options import ReuseOptions
 from sparsex.sampling_params import SamplingParams
 from sparsex.tokenizer import Tokenizer
@@ -77,7 +77,10 @@ class ServedLLM(Protocol):
         spans: Sequence[Any] = (),
         request_ids: Sequence[str] | None = None,
         reuse: str | ReuseOptions | dict[str, Any] | None = None,
-    ) -> list[Request]: ...
+        tenant: str = DEFAULT_TENANT,
+    ) -> list[Request]:
+        """``len(params)`` choices of one prompt sharing one prefill, scheduled for ``tenant``."""
+        ...
 
     def step(self) -> list[Request]: ...
 
@@ -85,7 +88,8 @@ class ServedLLM(Protocol):
 
     def has_unfinished(self) -> bool: ...
 
-    def add_pin(self, doc: str | list[int], namespace: str = "", name: str | None = None) -> Request:
+    def add_pin(self, doc: str | list[int], namespace: str = "", name: str | None = None,
+                tenant: str = DEFAULT_TENANT) -> Request:
         """Queue the pinning of one document; its ``pinned_segment_id`` is set when it finishes."""
         ...
 

@@ -81,6 +81,7 @@ class _Tracked:
     index: int
     events: asyncio.Queue[TokenEvent]
     loop: asyncio.AbstractEventLoop
+    tenant: str | None
     num_sent: int = 0
 
 
@@ -91,6 +92,7 @@ class _Add:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Submission]
     events: asyncio.Queue[TokenEvent]
+    tenant: str | None
 
 
 @dataclass
@@ -129,13 +131,21 @@ class EngineLoop:
     """Runs ``llm.step()`` on one background thread while there is work.
 
     max_queue: most engine requests in flight (waiting + running) before ``submit`` refuses.
+    max_queue_per_tenant: most of them one tenant may hold (None: no limit but ``max_queue``), so
+        that one tenant's flood cannot fill the queue for the others.
+    after_step: called with the engine on the engine thread after every step and every batch of
+        commands (the server numbers store events per tenant there); a failure is logged, never raised.
     """
 
-    def __init__(self, llm: ServedLLM, max_queue: int = 256) -> None:
-        if max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+    def __init__(self, llm: ServedLLM, max_queue: int = 256, max_queue_per_tenant: int | None = None,
+                 after_step: Callable[[ServedLLM], None] | None = None) -> None:
+        if max_queue < 1 or (max_queue_per_tenant is not None and max_queue_per_tenant < 1):
+            raise ValueError(f"max_queue and max_queue_per_tenant must be >= 1, got {max_queue}, {max_queue_per_tenant}")
         self.llm = llm
         self.max_queue = max_queue
+        self.max_queue_per_tenant = max_queue_per_tenant
+        self._inflight_of: dict[str | None, int] = {}  # guarded by _lock: requests in flight per tenant
+        self._after_step = after_step
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._num_inflight = 0  # guarded by _lock
@@ -188,15 +198,20 @@ class EngineLoop:
 
     # ----- handler side (event loop thread) ------------------------------------------------------
 
-    async def submit(self, add: AddFn, num_requests: int) -> Submission:
+    @property
+    def tenant_limit(self) -> int:
+        """The most engine requests one tenant may have in flight."""
+        return min(self.max_queue, self.max_queue_per_tenant or self.max_queue)
+
+    async def submit(self, add: AddFn, num_requests: int, tenant: str | None = None) -> Submission:
         """Run ``add(llm)`` on the engine thread; its requests then stream ``TokenEvent``s.
 
-        Raises QueueFullError past ``max_queue``, EngineStoppedError after ``stop``, and whatever
-        ``add`` raised (ValueError for a bad prompt or parameters).
+        Raises QueueFullError past ``max_queue`` (or ``tenant``'s share of it), EngineStoppedError
+        after ``stop``, and whatever ``add`` raised (ValueError for a bad prompt or parameters).
         """
         self.start()
         loop = asyncio.get_running_loop()
-        cmd = _Add(add, num_requests, loop, loop.create_future(), asyncio.Queue())
+        cmd = _Add(add, num_requests, loop, loop.create_future(), asyncio.Queue(), tenant)
         with self._lock:
             if self._closed or not self._admitting:
                 raise EngineStoppedError("the server is shutting down")
@@ -204,7 +219,12 @@ class EngineLoop:
                 raise QueueFullError(
                     f"too many requests in flight ({self._num_inflight} + {num_requests} > {self.max_queue})"
                 )
+            own = self._inflight_of.get(tenant, 0)
+            if own + num_requests > self.tenant_limit:
+                raise QueueFullError(f"too many of this tenant's requests in flight ({own} + {num_requests} > "
+                                     f"{self.tenant_limit})")
             self._num_inflight += num_requests
+            self._inflight_of[tenant] = own + num_requests
             self._inbox.put(cmd)
         try:
             return await asyncio.shield(cmd.future)
@@ -251,6 +271,11 @@ class EngineLoop:
             self._report_changes()  # a command may have stepped the engine (pinning runs requests)
             if llm.has_unfinished() and not self._step():
                 time.sleep(0.002)  # work is queued but nothing is schedulable yet: don't spin
+            if self._after_step is not None:
+                try:
+                    self._after_step(llm)
+                except Exception:
+                    log.exception("after-step hook failed")
 
     def _next_commands(self, block: bool) -> list[_Command]:
         cmds: list[_Command] = [self._inbox.get()] if block else []
@@ -287,12 +312,12 @@ class EngineLoop:
         try:
             reqs = cmd.add(self.llm)
         except Exception as e:
-            self._release(cmd.num_requests)
+            self._release(cmd.num_requests, cmd.tenant)
             self._reply(cmd.loop, cmd.future, None, e)
             return
-        self._release(cmd.num_requests - len(reqs))
+        self._release(cmd.num_requests - len(reqs), cmd.tenant)
         for i, r in enumerate(reqs):
-            self._tracked[r.request_id] = _Tracked(r, i, cmd.events, cmd.loop)
+            self._tracked[r.request_id] = _Tracked(r, i, cmd.events, cmd.loop, cmd.tenant)
         sub = Submission([r.request_id for r in reqs], cmd.events, [len(r.prompt_token_ids) for r in reqs])
         self._reply(cmd.loop, cmd.future, sub, None)
 
@@ -357,7 +382,7 @@ class EngineLoop:
         t.num_sent = n
         if r.finished:
             del self._tracked[r.request_id]
-            self._release(1)
+            self._release(1, t.tenant)
             if r.finish_reason == "error":  # the engine keeps a failed request's error until asked
                 err = self.llm.error_of(r)
                 log.warning("request %s failed: %s", r.request_id, type(err).__name__ if err else "unknown error")
@@ -374,9 +399,14 @@ class EngineLoop:
         except RuntimeError:
             pass
 
-    def _release(self, num: int) -> None:
+    def _release(self, num: int, tenant: str | None) -> None:
         with self._lock:
             self._num_inflight -= num
+            left = self._inflight_of.get(tenant, 0) - num
+            if left > 0:
+                self._inflight_of[tenant] = left
+            else:
+                self._inflight_of.pop(tenant, None)
 
     def _shutdown(self) -> None:
         for t in list(self._tracked.values()):

@@ -1,9 +1,13 @@
-"""Reading a request body safely: bounded size, bounded nesting, strict JSON, valid Unicode.
+"""Reading a request body safely: JSON only, bounded size, bounded nesting, strict JSON, valid Unicode.
 
 Every check runs before the body reaches pydantic or the engine, so a hostile body costs at most
-``max_body_bytes`` of memory and a linear scan, and fails with a 400, never a 500:
+``max_body_bytes`` of memory and a linear scan, and fails with a 4xx, never a 500:
 
-- size: ``Content-Length`` is checked first, then the bytes actually read;
+- media type: only ``application/json`` (415 otherwise, a missing header too): a browser page can
+  send ``text/plain`` or a typeless body cross-site without a CORS preflight, never JSON;
+- size: ``Content-Length`` (ASCII digits) is checked first, then the bytes actually read;
+- a client that disconnects before its whole body arrived gets a 400 (``client_disconnected``;
+  nobody reads it, but it is counted as a client error, not logged as a server failure);
 - nesting: ``[[[[...`` 100,000 levels deep made ``json.loads`` raise ``RecursionError`` (a 500);
   it is caught, and what parses is walked (without recursion) against ``max_json_depth``;
 - JSON: ``NaN`` / ``Infinity`` literals and numbers that overflow (``1e999``) are refused;
@@ -17,9 +21,11 @@ import json
 import math
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from sparsex.server.protocol import APIError, bad_request
+
+JSON_MEDIA_TYPE = "application/json"
 
 
 class BodyTooLargeError(APIError):
@@ -27,18 +33,35 @@ class BodyTooLargeError(APIError):
         super().__init__(400, f"the request body is larger than {max_bytes} bytes", code="body_too_large")
 
 
+def is_ascii_number(text: str) -> bool:
+    """Only ASCII digits (``str.isdigit`` also takes ``²``, ``①``, fullwidth and Arabic-Indic digits)."""
+    return text.isascii() and text.isdigit()
+
+
+def check_json_media_type(request: Request) -> None:
+    """A 415 unless the body is declared ``application/json`` (parameters such as charset allowed)."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != JSON_MEDIA_TYPE:
+        raise APIError(415, f"the request body must be JSON sent as 'Content-Type: {JSON_MEDIA_TYPE}'",
+                       param="content-type", code="unsupported_media_type")
+
+
 async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The whole body, or a 400 as soon as it passes ``max_bytes``."""
+    """The whole body, or a 400 as soon as it passes ``max_bytes`` or the client goes away."""
     length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > max_bytes:
+    if is_ascii_number(length) and int(length) > max_bytes:
         raise BodyTooLargeError(max_bytes)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise BodyTooLargeError(max_bytes)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise BodyTooLargeError(max_bytes)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise bad_request("the client disconnected before sending the whole body",
+                          code="client_disconnected") from None
     return b"".join(chunks)
 
 
@@ -90,4 +113,6 @@ def parse_json(raw: bytes, max_depth: int) -> dict[str, Any]:
 
 
 async def read_json(request: Request, max_bytes: int, max_depth: int) -> dict[str, Any]:
+    """The JSON object of the body, after every check of the module doc."""
+    check_json_media_type(request)
     return parse_json(await read_body(request, max_bytes), max_depth)

@@ -34,6 +34,12 @@ def reuse_methods() -> tuple[str, ...]:
     return tuple(SERVING_METHODS)
 
 
+RETRY_AFTER_S = 1
+"""``Retry-After`` of every 429 (queue full) and 503 (shutting down, aborted): the queue moves in
+engine steps, and a draining replica is replaced behind its balancer within seconds."""
+RETRY_HEADERS = {"Retry-After": str(RETRY_AFTER_S)}
+
+
 class APIError(Exception):
     """An error the client sees as ``{"error": {"message", "type", "param", "code"}}``."""
 
@@ -54,6 +60,14 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str] | None:
+        """Headers the status calls for: how to authenticate (401), when to retry (429, 503)."""
+        if self.status == 401:
+            return {"WWW-Authenticate": "Bearer"}
+        if self.status in (429, 503):
+            return dict(RETRY_HEADERS)
+        return None
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sparsex.server.auth import client_namespace, namespace_for, owns
+from sparsex.server.auth import client_namespace, engine_tenant, namespace_for, owns
 from sparsex.server.engine_loop import EngineLoop
 from sparsex.server.protocol import APIError, SegmentsRequest, parse_body
 from sparsex.server.responses import failure
@@ -54,14 +54,14 @@ class SegmentService:
         def add(llm: ServedLLM) -> list[Request]:
             try:
                 for i, doc in enumerate(docs):
-                    pins.append(llm.add_pin(doc, namespace, names[i] if names else None))
+                    pins.append(llm.add_pin(doc, namespace, names[i] if names else None, engine_tenant(tenant)))
             except BaseException:
                 for p in pins:  # all or nothing
                     llm.abort(p)
                 raise
             return list(pins)
 
-        sub = await submit(self.engine, add, len(docs), param="documents")
+        sub = await submit(self.engine, add, len(docs), param="documents", tenant=tenant)
         pending = len(docs)
         while pending:  # the loop reports each pin once it is done (or failed, or aborted)
             ev = await sub.events.get()

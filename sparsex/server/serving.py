@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sparsex.engine import PromptTooLongError
 from sparsex.sampling_params import SamplingParams
 from sparsex.server import responses as fmt
-from sparsex.server.auth import namespace_for
+from sparsex.server.auth import engine_tenant, namespace_for
 from sparsex.server.config import ServerConfig
 from sparsex.server.engine_api import context_limit
 from sparsex.server.engine_loop import AddFn, EngineLoop, EngineStoppedError, QueueFullError, Submission
@@ -76,7 +76,7 @@ class OpenAIServing:
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         max_tokens = body.max_completion_tokens or body.max_tokens
         add = self.make_add([encode], body, max_tokens, body.logprobs, options, rid, "messages")
-        sub = await self.submit(add, body.n)
+        sub = await self.submit(add, body.n, tenant)
         head = fmt.Head(rid, int(time.time()), self.model_name, body.n, self.config.hide_cache_usage)
         top = body.top_logprobs or 0
         if body.stream:
@@ -91,7 +91,7 @@ class OpenAIServing:
         encoders = [_encoder(p) for p in body.prompt_list()]
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         add = self.make_add(encoders, body, body.max_tokens, body.logprobs is not None, options, rid, "prompt")
-        sub = await self.submit(add, body.n * len(encoders))
+        sub = await self.submit(add, body.n * len(encoders), tenant)
         head = fmt.Head(rid, int(time.time()), self.model_name, body.n, self.config.hide_cache_usage)
         if body.stream:
             stream = fmt.completion_stream(self.events(sub), head, body.stop_list(), body.logprobs,
@@ -108,7 +108,8 @@ class OpenAIServing:
                            param="model", code="model_not_found")
 
     def engine_kwargs(self, body: _SamplingFields, tenant: str | None) -> tuple[dict[str, Any], str]:
-        """The keyword arguments for ``add_tokenized`` (per-request ``reuse``), and the namespace.
+        """The keyword arguments for ``add_choices`` (per-request ``reuse``, the tenant the engine
+        schedules it for), and the namespace.
 
         The ``sparsex`` object becomes ``reuse={"method", "budget", "namespace"}`` (the fields
         given). The namespace is the client's (``sparsex.namespace``, else ``cache_salt``, else the
@@ -123,7 +124,7 @@ class OpenAIServing:
         namespace = namespace_for(tenant, own if own is not None else self.llm.reuse.namespace)
         wanted = {"method": method, "budget": sx.budget, "namespace": namespace}
         overrides = {k: v for k, v in wanted.items() if v is not None}
-        return {"reuse": overrides}, namespace
+        return {"reuse": overrides, "tenant": engine_tenant(tenant)}, namespace
 
     def sampling_params(
         self, body: _SamplingFields, prompt_len: int, choice: int, max_tokens: int | None, logprobs: bool
@@ -173,8 +174,8 @@ class OpenAIServing:
 
         return add
 
-    async def submit(self, add: AddFn, num_requests: int) -> Submission:
-        return await submit(self.engine, add, num_requests, param="n")
+    async def submit(self, add: AddFn, num_requests: int, tenant: str | None) -> Submission:
+        return await submit(self.engine, add, num_requests, param="n", tenant=tenant)
 
     # ----- engine -> response ----------------------------------------------------------------------
 
@@ -209,13 +210,13 @@ class OpenAIServing:
         return _SSEResponse(chunks, on_close=lambda: self.engine.abort(sub))
 
 
-async def submit(engine: EngineLoop, add: AddFn, num_requests: int, param: str) -> Submission:
+async def submit(engine: EngineLoop, add: AddFn, num_requests: int, param: str, tenant: str | None) -> Submission:
     """Hand ``add`` to the engine thread, mapping its failures to HTTP errors."""
-    if num_requests > engine.max_queue:  # can never be admitted: a 429 would invite a retry
-        raise bad_request(f"{num_requests} engine requests exceed this server's limit of {engine.max_queue} "
+    if num_requests > engine.tenant_limit:  # can never be admitted: a 429 would invite a retry
+        raise bad_request(f"{num_requests} engine requests exceed this server's limit of {engine.tenant_limit} "
                           "in flight", param=param, code="too_many_choices")
     try:
-        return await engine.submit(add, num_requests)
+        return await engine.submit(add, num_requests, tenant)
     except APIError:
         raise
     except QueueFullError as e:

@@ -116,6 +116,32 @@ def test_namespaces_stay_isolated_in_redis(model: Path, redis_server: RedisServe
         assert own[0].metrics.num_segment_hit_tokens == len(doc)
 
 
+def test_two_tenants_holding_one_document_share_no_store_name(model: Path, redis_server: RedisServer) -> None:
+    """Content hashes are keyed by the namespace: nothing in Redis's key names says that two tenants
+    hold the same text. Pinned under both, it is restored for both after a restart."""
+    (doc,) = docs(model, 64)
+    tenants = ("alice/", "bob/")
+    with engine(model, kv_store=redis_server.url) as a:
+        for ns in tenants:
+            a.generate([[Segment(doc, ns), "Tell me."]], GREEDY, reuse={"method": "naive", "namespace": ns})
+            a.cache_segments([doc], namespace=ns + "kb")
+    names = [k.decode() for k in redis.Redis.from_url(redis_server.url).keys("sparsex:*")]
+    by_tag: dict[str, set[str]] = {}
+    for name in names:
+        tag, _, content = name.rpartition(":")
+        by_tag.setdefault(tag, set()).add(content)
+    assert len(by_tag) == 5  # 2 namespaces x (published + pinned) + the pins manifest
+    contents = [c for tag_contents in by_tag.values() for c in tag_contents]
+    assert len(contents) == len(set(contents))  # no content hash appears under two namespaces
+    with engine(model, kv_store=redis_server.url) as b:  # a restart
+        assert sorted(s["namespace"] for s in b.list_segments()) == ["alice/kb", "bob/kb"]
+        for ns in tenants:
+            out = b.generate([["Q:", Segment(doc, ns + "kb"), "?"]], GREEDY,
+                             reuse={"method": "naive", "namespace": ns + "kb"})[0]
+            assert out.metrics.num_segment_hit_tokens == len(doc)
+        assert b.tiers is not None and b.tiers.stats.num_promoted == 2  # the two restored pins
+
+
 def test_a_corrupt_value_is_rejected_and_recomputed(model: Path, redis_server: RedisServer) -> None:
     (doc,) = docs(model, 64)
     prompt = [[Segment(doc), "Tell me."]]
@@ -219,7 +245,7 @@ def test_entries_list_what_the_pool_holds(model: Path, tmp_path: Path) -> None:
     with engine(model, kv_disk=str(tmp_path / "disk")) as llm:
         llm.generate([[Segment(doc, "t"), "?"]], GREEDY, reuse={"method": "naive", "namespace": "t"})
         (entry,) = llm.cache_entries("t")
-        assert entry["key"].endswith(entry_hash(doc)) and entry["num_tokens"] == len(doc)
+        assert entry["key"].endswith(entry_hash(doc, "t")) and entry["num_tokens"] == len(doc)
         assert llm.cache_entries("other") == []
         assert [e.kind for e in llm.tiers.events_since(0)] == ["published"]  # type: ignore[union-attr]
 

@@ -114,6 +114,7 @@ def test_queue_limit_and_shutdown(model_dir: Path) -> None:
             wait_until(lambda: engine.num_inflight == 2, what="two requests in flight")
             r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
             assert_error(r, 429, code="queue_full")
+            assert r.headers["retry-after"] == "1"
             gate.set()
             assert pending.result().status_code == 200
         blocker.join(30)

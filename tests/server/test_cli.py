@@ -104,3 +104,9 @@ def test_serve_main_publishes_kv_events_and_closes_them(model_dir: Path, monkeyp
     llm = seen["server"].config.app.state.llm
     assert llm.config.kv_events.endpoint == endpoint and llm.config.revision == "main"
     assert llm.kv_events.closed  # serve_main closed the engine on its way out
+
+
+def test_a_tenant_gets_half_the_queue_by_default_with_keys() -> None:
+    assert cli.server_config(parse("--api-key", "k", "--max-queue", "10")).max_queue_per_tenant == 5
+    assert cli.server_config(parse("--max-queue", "10")).max_queue_per_tenant is None  # one tenant: no share
+    assert cli.server_config(parse("--api-key", "k", "--max-queue-per-tenant", "9")).max_queue_per_tenant == 9

@@ -133,3 +133,29 @@ def test_a_request_that_cannot_be_reported_fails_alone(model_dir: Path) -> None:
         assert engine.is_alive and engine.num_inflight == 0
     finally:
         engine.stop()
+
+
+def test_one_tenant_cannot_fill_the_queue_for_the_others(model_dir: Path) -> None:
+    llm = make_llm(model_dir)
+    engine = EngineLoop(llm, max_queue=4, max_queue_per_tenant=2)
+
+    async def scenario() -> None:
+        a = [await engine.submit(long_request, 1, tenant="a") for _ in range(2)]
+        with pytest.raises(QueueFullError, match="tenant"):
+            await engine.submit(long_request, 1, tenant="a")
+        b = [await engine.submit(long_request, 1, tenant="b") for _ in range(2)]  # the rest is still there
+        with pytest.raises(QueueFullError):
+            await engine.submit(long_request, 1, tenant="c")  # max_queue still holds overall
+        engine.abort(a[0])
+        while (await asyncio.wait_for(a[0].events.get(), 10)).finish_reason is None:
+            pass
+        again = await engine.submit(long_request, 1, tenant="a")  # a's finished request freed its share
+        for sub in (a[1], *b, again):
+            engine.abort(sub)
+        assert await engine.call(lambda llm: True)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert engine.num_inflight == 0

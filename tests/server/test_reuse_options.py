@@ -27,9 +27,9 @@ class RecordingLLM:
         return getattr(self._llm, name)
 
     def add_choices(self, ids: list[int], params: Any, spans: Any = (), request_ids: Any = None,
-                    reuse: Any = None) -> Any:
-        self.calls += [{"spans": list(spans), "reuse": reuse, "params": p} for p in params]
-        return self._llm.add_choices(ids, params, spans, request_ids, reuse)
+                    reuse: Any = None, tenant: str = "default") -> Any:
+        self.calls += [{"spans": list(spans), "reuse": reuse, "params": p, "tenant": tenant} for p in params]
+        return self._llm.add_choices(ids, params, spans, request_ids, reuse, tenant)
 
 
 @pytest.fixture
@@ -59,9 +59,23 @@ def test_options_are_forwarded(recorded: tuple[RecordingLLM, openai.OpenAI]) -> 
 
     client.completions.create(model=model, prompt="plain", max_tokens=2)
     assert llm.calls[-1]["reuse"] == {"namespace": ""}  # nothing asked: the engine's defaults
+    assert {c["tenant"] for c in llm.calls} == {"default"}  # no API keys: one tenant
 
 
 def test_n_choices_get_distinct_seeds(recorded: tuple[RecordingLLM, openai.OpenAI]) -> None:
     llm, client = recorded
     client.completions.create(model=llm.model_name, prompt="seeded", max_tokens=2, n=3, seed=41)
     assert [c["params"].seed for c in llm.calls[-3:]] == [41, 42, 43]
+
+
+def test_the_tenant_of_the_key_reaches_the_scheduler(model_dir: Path) -> None:
+    from sparsex.server.auth import Tenants
+
+    llm = RecordingLLM(make_llm(model_dir))
+    app = create_app(llm, tenants=Tenants.from_keys({"key-a": "alice", "key-b": "bob"}))  # type: ignore[arg-type]
+    with BackgroundServer(app) as srv:
+        for key in ("key-a", "key-b"):
+            c = openai.OpenAI(base_url=srv.base_url, api_key=key, max_retries=0, timeout=60)
+            c.completions.create(model=llm.model_name, prompt="plain", max_tokens=1, n=2)
+            c.close()
+    assert [c["tenant"] for c in llm.calls] == ["alice", "alice", "bob", "bob"]

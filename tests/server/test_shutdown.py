@@ -103,8 +103,10 @@ def test_sigterm_drains_then_exits_cleanly(model_dir: Path, tmp_path: Path) -> N
             proc.send_signal(signal.SIGTERM)
 
             wait_until(lambda: http.get("/health").status_code == 503, timeout=10, what="draining")
+            assert http.get("/health").headers["retry-after"] == "1"
             r = http.post("/v1/completions", json={"prompt": "late", "max_tokens": 1})
             assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+            assert r.headers["retry-after"] == "1"
 
             for t in (short, waiting, streaming):
                 t.join(60)
@@ -112,6 +114,7 @@ def test_sigterm_drains_then_exits_cleanly(model_dir: Path, tmp_path: Path) -> N
             assert short_events[-1] == "[DONE]" and short_events[-2]["choices"][0]["finish_reason"] == "length"
             err = waited["result"]
             assert err.status_code == 503 and err.json()["error"]["code"] == "aborted", err.text[-500:]
+            assert err.headers["retry-after"] == "1"
             events = streamed["result"]
             assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "aborted"
             assert all("choices" in e for e in events[:-2])  # whole chunks before the error, none cut

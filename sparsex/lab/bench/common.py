@@ -38,7 +38,8 @@ def machine() -> dict[str, Any]:
 
 
 def print_table(headers: list[str], rows: list[list[Any]]) -> None:
-    cells = [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    """A right-aligned text table; floats with 3 decimals, None as ``-`` (not measured / too few)."""
+    cells = [["-" if c is None else f"{c:.3f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     print("  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)))
     for r in cells:
@@ -56,3 +57,17 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, -(-len(ordered) * q // 100))
     return ordered[int(rank) - 1]
+
+
+def tail_percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile, or None when there are too few values for it to be anything but the
+    maximum (fewer than ``100 / (100 - q)``: a p99 needs 100 values). Report the maximum as such."""
+    if q < 100 and len(values) < 100 / (100 - q):
+        return None
+    return percentile(values, q)
+
+
+def latency_summary(values: list[float]) -> dict[str, Any]:
+    """``n``, p50, p90, p99 (None where ``n`` is too small for them, see ``tail_percentile``), max."""
+    return {"n": len(values), "p50": tail_percentile(values, 50), "p90": tail_percentile(values, 90),
+            "p99": tail_percentile(values, 99), "max": max(values) if values else None}

@@ -11,8 +11,13 @@ turns see earlier replies); conversations overlap, so requests join running deco
 - Agents: a group chat; each agent has its own system prompt and sees the shared tool output
   and every earlier agent's message, so the shared text is never its prompt's prefix.
 
-Reported per run: client-side TTFT p50/p99/mean, output tokens/s, requests/s, and the share of
-prompt tokens served from cache (prefix + segment hits) and recomputed (from the usage extension).
+Reported per run: client-side TTFT n, p50, p99 (only with 100 requests or more: below that it
+would be the max), max and mean, output tokens/s, requests/s, and the share of prompt tokens served
+from cache (prefix + segment hits) and recomputed (from the usage extension).
+
+Other modes, each in its own module: ``--fairness`` (short requests behind long prefills,
+``fairness.py``), ``--open-loop`` (Poisson arrivals from two tenants, ``openloop.py``), ``--soak``
+(memory of many requests, ``soak.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sparsex.lab.bench.common import machine, percentile, print_table, write_json
+from sparsex.lab.bench.common import machine, percentile, print_table, tail_percentile, write_json
 from sparsex.server.cli import parse_memory
 from sparsex.server.protocol import reuse_methods
 
@@ -157,7 +162,8 @@ def summarize(reuse: str, stats: list[RequestStats], wall_s: float) -> dict[str,
         "num_requests": len(stats),
         "wall_s": wall_s,
         "ttft_p50_s": percentile(ttft, 50),
-        "ttft_p99_s": percentile(ttft, 99),
+        "ttft_p99_s": tail_percentile(ttft, 99),
+        "ttft_max_s": max(ttft),
         "ttft_mean_s": statistics.fmean(ttft),
         "latency_mean_s": statistics.fmean(s.latency_s for s in stats),
         "output_tokens_per_s": sum(s.completion_tokens for s in stats) / wall_s,
@@ -220,23 +226,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is not None and "--fairness" in argv:  # short requests under long prefills: fairness.py
-        from sparsex.lab.bench import fairness
+    modes = {"--fairness": "fairness", "--open-loop": "openloop", "--soak": "soak"}  # their own modules
+    for flag, name in modes.items():
+        if argv is not None and flag in argv:
+            import importlib
 
-        return fairness.main([a for a in argv if a != "--fairness"])
+            mode = importlib.import_module(f"sparsex.lab.bench.{name}")
+            return int(mode.main([a for a in argv if a != flag]))
     args = parse_args(argv)
     convs = make_conversations(args)
     off = run(args, "none", convs)
     method = args.reuse or "blend"
     on = run(args, method, convs)
-    headers = ["reuse", "requests", "TTFT p50 ms", "TTFT p99 ms", "TTFT mean ms", "out tok/s", "req/s",
+    headers = ["reuse", "n", "TTFT p50 ms", "TTFT p99 ms", "TTFT max ms", "TTFT mean ms", "out tok/s", "req/s",
                "cached %", "recomputed %"]
     rows = [
-        [r["reuse"], r["num_requests"], r["ttft_p50_s"] * 1e3, r["ttft_p99_s"] * 1e3, r["ttft_mean_s"] * 1e3,
+        [r["reuse"], r["num_requests"], r["ttft_p50_s"] * 1e3,
+         None if r["ttft_p99_s"] is None else r["ttft_p99_s"] * 1e3, r["ttft_max_s"] * 1e3, r["ttft_mean_s"] * 1e3,
          r["output_tokens_per_s"], r["requests_per_s"], 100 * r["cached_fraction"], 100 * r["recomputed_fraction"]]
         for r in (off, on)
     ]
     print_table(headers, rows)
+    print("(TTFT p99 is '-' below 100 requests: it would be the max)")
     print(f"TTFT p50 speedup with reuse={method}: {off['ttft_p50_s'] / max(on['ttft_p50_s'], 1e-9):.2f}x")
     config = {k: v for k, v in vars(args).items() if k != "out"}
     write_json(args.out, {"config": config, "machine": machine(),
