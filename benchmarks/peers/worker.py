@@ -33,7 +33,7 @@ class Transformers:
 
         self.torch = torch
         self.tok = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)  # in eval mode
         self.info = {"transformers": transformers.__version__, "torch": torch.__version__,
                      "threads": torch.get_num_threads(), "dtype": "float32"}
 
@@ -111,7 +111,7 @@ class SparseX:
         self.num_resets += 1
 
 
-ENGINES = {"transformers": Transformers, "vllm": Vllm, "sparsex": SparseX}
+ENGINES: dict[str, Any] = {"transformers": Transformers, "vllm": Vllm, "sparsex": SparseX}
 
 
 def run(engine: Any, plan: dict[str, Any], repeats: int) -> list[dict[str, Any]]:
