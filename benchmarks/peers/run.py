@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -30,6 +31,7 @@ from prompts import build_plan, scenarios  # noqa: E402
 ENGINES = ("transformers", "vllm", "sparsex")
 # vLLM-CPU's own knobs: OpenMP threads pinned to both cores, a 2 GiB KV cache.
 VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "2"}
+EXCEPTION = re.compile(r"\s*[\w.]*(Error|Exception|Interrupt)\w*(:|$)")  # a traceback's last line
 COLD_OF = {"musique": "musique cold", "musique cold": "musique cold"}  # a scenario's own cold prompt; "cold" for the rest
 
 
@@ -96,6 +98,7 @@ def run_worker(label: str, engine: str, extra: list[str], args: argparse.Namespa
     if engine == "vllm":
         problem = vllm_problem(args.vllm_python)
         if problem:
+            print(f"{label}: skipped: {problem}", flush=True)
             return {"error": problem}
         python, env = args.vllm_python, vllm_env(args.vllm_preload, args.vllm_python)
     slug = label.replace(" ", "-")
@@ -109,11 +112,13 @@ def run_worker(label: str, engine: str, extra: list[str], args: argparse.Namespa
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     wall = time.perf_counter() - t0
     if proc.returncode != 0 or not result_path.exists():
-        tail = log_path.read_text().strip().splitlines()[-15:]
-        errors = [line for line in tail if "Error" in line or "error" in line] or tail[-1:]
+        lines = log_path.read_text().strip().splitlines()
+        # the first exception is the root cause (vLLM's engine process reports it before the caller)
+        errors = list(dict.fromkeys(line.strip() for line in lines if EXCEPTION.match(line))) or lines[-1:]
         print(f"{label}: FAILED (exit {proc.returncode}) after {wall:.0f}s; last lines of {log_path}:")
-        print("\n".join("    " + line for line in tail))
-        return {"error": f"exit {proc.returncode}: {errors[-1] if errors else 'no output'}", "log": str(log_path)}
+        print("\n".join("    " + line for line in lines[-15:]))
+        reason = " ... ".join(errors[:1] + errors[-1:] if len(errors) > 1 else errors) or "no output"
+        return {"error": f"exit {proc.returncode}: {reason}", "log": str(log_path)}
     print(f"{label}: done in {wall:.0f}s", flush=True)
     return {**json.loads(result_path.read_text()), "wall_s": wall, "log": str(log_path)}
 
@@ -187,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nTTFT (max_tokens=1), median of {args.repeats} repeat(s)"
           + (f" x {args.musique_items} MuSiQue item(s); musique is compared with musique cold, the rest with"
              " cold" if args.musique_items else ""))
-    print_table(summary, names)
+    if summary:
+        print_table(summary, names)
+    else:
+        print("no engine produced times")
     for label, res in results.items():
         if "error" in res:
             print(f"{label}: skipped: {res['error']}")
