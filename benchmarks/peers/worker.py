@@ -58,6 +58,7 @@ class Vllm:
         import vllm
         from vllm import LLM, SamplingParams
 
+        env = {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU") or k == "LD_PRELOAD"}  # as given
         self.llm = LLM(model=model_path, dtype=args.vllm_dtype, enable_prefix_caching=True,
                        max_model_len=args.max_model_len, seed=0)
         self.params = SamplingParams(max_tokens=1, temperature=0.0)
@@ -67,7 +68,7 @@ class Vllm:
             "block_size": cfg.cache_config.block_size,
             "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
             "enable_chunked_prefill": cfg.scheduler_config.enable_chunked_prefill,
-            "env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU") or k == "LD_PRELOAD"},
+            "env": env,
         }
 
     def first_token(self, prompt: str) -> dict[str, Any]:
