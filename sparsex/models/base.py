@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from sparsex.models.rope import RopeTable
 
@@ -118,18 +119,24 @@ class StepContext:
     capture_layers: frozenset[int] = frozenset()
     captured: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     before_write: Callable[[int, SeqSlice, torch.Tensor, torch.Tensor], None] | None = None
-    _rotary: dict[int, torch.Tensor] = field(default_factory=dict)
+    rotary_cache: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Rotations of ``positions`` per RoPE table (filled by :meth:`rotary`); steps over the same
+    positions (a sparse plan's layers) may share one."""
 
     def rotary(self, table: RopeTable) -> torch.Tensor:
         """[N, D/2] complex rotations of this step's positions for ``table`` (once per step per table)."""
         key = id(table)
-        if key not in self._rotary:
-            self._rotary[key] = table.rotary(self.positions)
-        return self._rotary[key]
+        if key not in self.rotary_cache:
+            self.rotary_cache[key] = table.rotary(self.positions)
+        return self.rotary_cache[key]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
-    """RMSNorm in float32; Gemma scales by (1 + w) (offset=1), Llama by w."""
+    """RMSNorm in float32; Gemma scales by (1 + w) (offset=1), Llama by w. For float32 inputs the
+    fused kernel (same arithmetic, ~3x faster on CPU)."""
+    if x.dtype == torch.float32:
+        w = weight.float() + offset if offset else weight.float()
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if offset:
