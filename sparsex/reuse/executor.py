@@ -133,13 +133,20 @@ class _Pass:
         self.start = s.positions[0]
         self.tokens = torch.tensor(s.token_ids, dtype=torch.int64, device=self.dev)
         self.read = self.kv.reader(s.block_table, s.ctx_len, self.dev)
+        # slots and RoPE rotations of the active set, kept while the set stays the same
+        self._pos: torch.Tensor | None = None
+        self._slots = torch.empty(0, dtype=torch.int64)
+        self._rotary: dict[int, torch.Tensor] = {}
 
     def context(self, pos: torch.Tensor, capture: int | None, layer: int = -1) -> StepContext:
         s, plan = self.plan.seq, self.plan
-        sl = SeqSlice(0, pos.numel(), pos, self.kv.slots(s.block_table, pos), self.read, s.ctx_len)
+        if pos is not self._pos:
+            self._pos, self._slots, self._rotary = pos, self.kv.slots(s.block_table, pos), {}
+        sl = SeqSlice(0, pos.numel(), pos, self._slots, self.read, s.ctx_len)
         caps = frozenset() if capture is None else frozenset({capture})
         adjust = plan.adjust if layer >= plan.adjust_from else None
-        return StepContext(seqs=[sl], positions=pos, kv=self.kv, capture_layers=caps, before_write=adjust)
+        return StepContext(seqs=[sl], positions=pos, kv=self.kv, capture_layers=caps, before_write=adjust,
+                           rotary_cache=self._rotary)
 
     def select_captured(self, selector: Selector, i: int, step: StepContext) -> torch.Tensor:
         q, kc, vc = step.captured[i][0]
