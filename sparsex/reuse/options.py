@@ -67,11 +67,12 @@ class ReuseOptions:
         text and the tail do not count, so a segment that only runs its overflow gets no shift).
     namespace: tenant / cache salt; entries never cross namespaces.
     auto_segments: cut unannotated text into content-defined chunks that can be reused.
-    register: publish freshly computed segments and prefix blocks into the cache.
-    register_after_reuse: also publish fresh segments that come after a reused token. Their own
-        tokens ran through every layer, but over approximate (reused) KV, so their KV is not exact;
-        off by default so that approximation never compounds (SPEC: only KV computed fresh is
-        registered). Segments before the first reused token are always published.
+    register: publish freshly computed segments and prefix blocks into the cache: every piece of a
+        segment that no reused run covers (a block or longer); reused KV is never published.
+    register_after_reuse: also publish the pieces that come after a reused token (the default).
+        Their tokens ran through every layer, over partly reused KV; without them a passage that
+        overlaps an earlier one (neighbouring retrieved chunks) is never cached beyond the overlap.
+        False publishes only what lies before the first reused token.
     """
 
     method: str = "blend"
@@ -94,7 +95,7 @@ class ReuseOptions:
     namespace: str = ""
     auto_segments: bool = True
     register: bool = True
-    register_after_reuse: bool = False
+    register_after_reuse: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or not self.method:
