@@ -68,3 +68,28 @@ def test_a_short_request_is_served_during_a_chunked_reuse_prefill(model: str) ->
         order += [r.request_id for r in llm.step() if r.finished]
     assert order.index(short.request_id) < order.index(long.request_id)
     assert long.metrics.num_segment_hit_tokens == 270
+
+
+def test_a_few_hit_tokens_after_a_prefix_are_recomputed_instead(model: str) -> None:
+    """Hits covering under MIN_REUSED_SHARE of the tokens after the exact prefix are handed back:
+    the rest of the prompt is recomputed exactly (the same as with prefix caching alone)."""
+    from sparsex.reuse.prefill import MIN_REUSED_SHARE
+
+    llm = LLM(model=model, kv_cache_memory=16 << 20, max_prefill_tokens=None)
+    g = torch.Generator().manual_seed(3)
+    head, small, new = ([int(t) for t in torch.randint(5, llm.spec.vocab_size, (n,), generator=g)]
+                        for n in (64, 20, 400))
+    assert 20 < MIN_REUSED_SHARE * (20 + 400 + 1)
+    llm.generate([[Segment(head), Segment(small), "z"]], SamplingParams(max_tokens=1), reuse="none")
+    prompt = [Segment(head), new[:100], Segment(small), new[100:]]
+
+    def first(method: str) -> Any:
+        req = llm.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0),
+                              reuse={"method": method, "register": False}, keep_first_logits=True)
+        return llm.run_to_completion([req])[0]
+
+    blend, prefix = first("blend"), first("prefix")
+    assert blend.metrics.num_prefix_hit_tokens == prefix.metrics.num_prefix_hit_tokens == 64
+    assert blend.metrics.num_segment_hit_tokens == 0 and blend.metrics.num_reused_runs == 0
+    assert np.abs(blend.first_logprobs - prefix.first_logprobs).max() <= 1e-6
+    assert llm.pool.num_free_blocks == llm.pool.num_blocks  # the handed-back hits hold nothing

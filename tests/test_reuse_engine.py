@@ -380,6 +380,7 @@ def test_every_method_on_reordered_rag_prompt(llama: Any) -> None:
         hits = 0 if method in ("none", "prefix") else 4 * 48
         assert out.metrics.num_segment_hit_tokens == hits, method
     assert divergence["none"] == 0.0
-    assert divergence["prefix"] <= 1e-9  # exact prefix, nothing else reused (0 up to BLAS rounding)
+    assert divergence["prefix"] <= 1e-6  # exact prefix, nothing else reused (0 up to float rounding: the
+    # keys of shared prefix blocks are attended in place and merged by log-sum-exp, ~3e-8 here)
     assert divergence["naive"] > 1e-6  # stale cross-document KV changes the distribution
     assert_no_leak(llm)

@@ -124,29 +124,44 @@ def attend_pieces(
     q: [N, Hq, D] at positions ``q_pos`` (ascending, all >= the tail's first position).
     head: ``(k, v)`` pieces ([t_i, Hkv, D]) holding positions ``0..s-1`` in order, visible to every
         query; k_tail, v_tail: positions ``s..`` ([t, Hkv, D]), masked by position.
-    Each piece is attended on its own with its log-sum-exp, and the results are merged: the same
-    softmax over all keys, without copying the head into one tensor. Returns [N, Hq, D].
+    Per block of ``QUERY_BLOCK`` queries, each piece is attended on its own with its log-sum-exp
+    (the tail only up to the block's last query) and the results are merged: the same softmax over
+    all keys, without copying the head into one tensor. Returns [N, Hq, D].
     """
     n, hq, d = q.shape
     hkv = k_tail.shape[1]
     g = hq // hkv
-    qg = q.reshape(n, hkv, g, d).transpose(0, 1).reshape(1, hkv, n * g, d)  # query groups folded
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     start = sum(k.shape[0] for k, _ in head)
-    k_pos = torch.arange(start, start + k_tail.shape[0], device=q.device)
-    mask = torch.zeros(n, k_pos.numel(), dtype=q.dtype, device=q.device)
-    mask.masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
-    pieces = [(k, v, None) for k, v in head] + [(k_tail, v_tail, mask.repeat_interleave(g, dim=0))]
+    heads = [(k.to(q.dtype).transpose(0, 1).unsqueeze(0), v.to(q.dtype).transpose(0, 1).unsqueeze(0)) for k, v in head]
+    kt, vt = (t.to(q.dtype).transpose(0, 1).unsqueeze(0) for t in (k_tail, v_tail))  # [1, Hkv, t, D]
+    outs = []
+    for a in range(0, n, QUERY_BLOCK):
+        pos = q_pos[a : a + QUERY_BLOCK]
+        m, end = pos.numel(), int(pos[-1]) + 1 - start  # tail keys this block can see
+        qg = q[a : a + QUERY_BLOCK].reshape(m, hkv, g, d).transpose(0, 1).reshape(1, hkv, m * g, d)  # groups folded
+        k_pos = torch.arange(start, start + end, device=q.device)
+        mask = torch.zeros(m, end, dtype=q.dtype, device=q.device)
+        mask.masked_fill_(k_pos[None, :] > pos[:, None], float("-inf"))
+        parts = [(k, v, None) for k, v in heads] + [(kt[:, :, :end], vt[:, :, :end], mask.repeat_interleave(g, 0))]
+        outs.append(_merge_parts(qg, parts, scale).view(hkv, m, g, d).transpose(0, 1).reshape(m, hq, d))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+def _merge_parts(
+    qg: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], scale: float
+) -> torch.Tensor:
+    """Softmax attention of ``qg`` ([1, Hkv, M, D]) over the union of ``parts`` (keys, values
+    [1, Hkv, t, D] and an additive mask [M, t] or None), from each part's output and log-sum-exp."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     outs, lses = [], []
-    for k, v, m in pieces:  # out [1, Hkv, n*G, D], lse [1, Hkv, n*G]
-        out, lse = flash(qg, k.to(q.dtype).transpose(0, 1).unsqueeze(0), v.to(q.dtype).transpose(0, 1).unsqueeze(0),
-                         0.0, False, attn_mask=m, scale=scale)[:2]
+    for k, v, mask in parts:  # out [1, Hkv, M, D], lse [1, Hkv, M]
+        out, lse = flash(qg, k, v, 0.0, False, attn_mask=mask, scale=scale)[:2]
         outs.append(out)
         lses.append(lse)
-    lse_all = torch.stack(lses)  # [P, 1, Hkv, n*G]
+    lse_all = torch.stack(lses)  # [P, 1, Hkv, M]
     weights = torch.exp(lse_all - lse_all.amax(dim=0, keepdim=True))
     merged = (torch.stack(outs) * weights.unsqueeze(-1)).sum(0) / weights.sum(0).unsqueeze(-1)
-    return merged[0].view(hkv, n, g, d).transpose(0, 1).reshape(n, hq, d)
+    return merged[0]  # [Hkv, M, D]
 
 
 def attention_probs(

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -34,6 +34,11 @@ from sparsex.reuse.options import ReuseOptions
 from sparsex.reuse.planner import PLANNERS, PlanContext, Planner, ReuseSituation, plan_prefill
 from sparsex.reuse.store import SegmentStore
 from sparsex.segments import SegmentSpan
+
+MIN_REUSED_SHARE = 0.05
+"""Reuse only when the hits cover at least this share of the tokens after the exact prefix: below
+it, a repair plan's fixed parts (a dense layer, a probe) cost more than the few tokens it saves,
+and a full recompute of the rest is exact (and runs in token chunks)."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,13 @@ class Prefiller:
         self.context = PlanContext(spec, store.kv, runner)
 
     def start(self, ids: list[int], opts: ReuseOptions, adm: Admission) -> PrefillTask:
-        """Load ``adm``'s hits and plan; the returned task runs the plan (``advance``)."""
+        """Load ``adm``'s hits and plan; the returned task runs the plan (``advance``). Hits that
+        cover less than ``MIN_REUSED_SHARE`` of the tokens after the exact prefix are handed back
+        unused: a sparse plan around them would cost more than recomputing them."""
+        n_reused = sum(b - a for a, b in adm.runs)
+        if adm.hits and n_reused < MIN_REUSED_SHARE * (len(ids) - adm.prefix_len):
+            self.store.manager.release_hits(adm.hits)
+            adm = replace(adm, hits=())
         return PrefillTask(self, ids, opts, adm)
 
     def _load_and_plan(self, ids: list[int], opts: ReuseOptions, adm: Admission) -> tuple[RecomputePlan, torch.Tensor, float]:
