@@ -37,7 +37,7 @@ from sparsex.models.loader import load_model, resolve_model
 from sparsex.request import DEFAULT_TENANT, Request
 from sparsex.reuse.options import METHODS, ReuseOptions, resolve_reuse
 from sparsex.reuse.planner import Planner
-from sparsex.reuse.prefill import Prefiller, PrefillTask
+from sparsex.reuse.prefill import Prefiller, PrefillTask, RecalledPrefill
 from sparsex.reuse.store import SegmentStore
 from sparsex.reuse.tiers import TierCache, TierOptions
 from sparsex.sampler import make_generator, sample
@@ -113,7 +113,7 @@ class LLM(Outputs, PinnedSegments):
         self._steps: dict[str, list[torch.Tensor]] = {}  # id -> kept log-probabilities, one per token
         self._first: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (first logits, recomputed)
         self._errors: dict[str, Exception] = {}
-        self._tasks: dict[str, PrefillTask] = {}  # requests whose prefill is under way
+        self._tasks: dict[str, PrefillTask | RecalledPrefill] = {}  # requests whose prefill is under way
 
     # ----- request lifecycle -------------------------------------------------------------
 

@@ -149,9 +149,13 @@ def test_same_document_twice_in_one_prompt(llama: Any) -> None:
 
 
 @pytest.mark.parametrize("length", [96, 97, 90])
-def test_whole_prompt_cached(length: int, llama: Any) -> None:
-    """The same prompt again: the prefix covers every full block but the last token's; the rest runs."""
+@pytest.mark.parametrize("keep_ends", [True, False])
+def test_whole_prompt_cached(length: int, keep_ends: bool, llama: Any) -> None:
+    """The same prompt again: the prefix covers every full block but the last token's; the rest is
+    the kept end of the prompt (nothing runs), or, with no end kept, runs again."""
     llm = make_llm(llama)
+    if not keep_ends:
+        llm.prefiller.ends.capacity = 0
     doc = toks(llm, length - 12, 50)
     prompt = [llm.tokenizer.encode("Context:")[:5], Segment(doc), toks(llm, length - 5 - len(doc), 400)]
     first = llm.generate([prompt], GREEDY, reuse="blend")[0]
@@ -161,7 +165,8 @@ def test_whole_prompt_cached(length: int, llama: Any) -> None:
     expected = (length - 1) // BS * BS
     assert again.metrics.num_prefix_hit_tokens == expected
     assert again.metrics.num_segment_hit_tokens == 0  # the document starts inside the exact prefix
-    assert again.metrics.num_recomputed_tokens == length - expected >= 1
+    assert again.metrics.num_recomputed_tokens == (0 if keep_ends else length - expected)
+    assert length - expected >= 1
     assert again.token_ids == ref.token_ids
     assert float(np.abs(np.array(again.logprobs) - np.array(ref.logprobs)).max()) <= 1e-5
     assert_no_leak(llm)

@@ -142,7 +142,8 @@ def attend_pieces(
         k_pos = torch.arange(start, start + end, device=q.device)
         mask = torch.zeros(m, end, dtype=q.dtype, device=q.device)
         mask.masked_fill_(k_pos[None, :] > pos[:, None], float("-inf"))
-        parts = [(k, v, None) for k, v in heads] + [(kt[:, :, :end], vt[:, :, :end], mask.repeat_interleave(g, 0))]
+        parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = [(k, v, None) for k, v in heads]
+        parts.append((kt[:, :, :end], vt[:, :, :end], mask.repeat_interleave(g, 0)))
         outs.append(_merge_parts(qg, parts, scale).view(hkv, m, g, d).transpose(0, 1).reshape(m, hq, d))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 

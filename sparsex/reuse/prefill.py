@@ -32,6 +32,7 @@ from sparsex.request import PinSpec
 from sparsex.reuse.executor import PlanExecution, PlanRun, RecomputePlan, compute_fraction
 from sparsex.reuse.options import ReuseOptions
 from sparsex.reuse.planner import PLANNERS, PlanContext, Planner, ReuseSituation, plan_prefill
+from sparsex.reuse.prompt_ends import PromptEnds
 from sparsex.reuse.store import SegmentStore
 from sparsex.segments import SegmentSpan
 
@@ -75,15 +76,21 @@ class Prefiller:
         self.spec = spec
         self.planners: dict[str, Planner] = {**PLANNERS, **(planners or {})}
         self.context = PlanContext(spec, store.kv, runner)
+        self.ends = PromptEnds(store.kv, store.pool)
 
-    def start(self, ids: list[int], opts: ReuseOptions, adm: Admission) -> PrefillTask:
+    def start(self, ids: list[int], opts: ReuseOptions, adm: Admission) -> PrefillTask | RecalledPrefill:
         """Load ``adm``'s hits and plan; the returned task runs the plan (``advance``). Hits that
         cover less than ``MIN_REUSED_SHARE`` of the tokens after the exact prefix are handed back
-        unused: a sparse plan around them would cost more than recomputing them."""
+        unused: a sparse plan around them would cost more than recomputing them. An exact repeat
+        (every full block a prefix hit, its end kept by ``PromptEnds``) runs nothing."""
         n_reused = sum(b - a for a, b in adm.runs)
         if adm.hits and n_reused < MIN_REUSED_SHARE * (len(ids) - adm.prefix_len):
             self.store.manager.release_hits(adm.hits)
             adm = replace(adm, hits=())
+        if opts.uses_prefix and not adm.hits and adm.prefix_len == (len(ids) - 1) // self.store.pool.block_size * self.store.pool.block_size:
+            logits = self.ends.recall(ids, adm.block_table, opts.namespace)
+            if logits is not None:
+                return RecalledPrefill(ids, adm, logits)
         return PrefillTask(self, ids, opts, adm)
 
     def _load_and_plan(self, ids: list[int], opts: ReuseOptions, adm: Admission) -> tuple[RecomputePlan, torch.Tensor, float]:
@@ -114,6 +121,8 @@ class Prefiller:
             fresh = [s for s in fresh_pieces(adm.spans, adm.runs)
                      if s.end <= first_reused or opts.register_after_reuse]
             self.store.publish(ids, table, opts.namespace, first_reused, fresh)
+            if not adm.hits and plan.dense_layers == self.spec.num_layers and plan.adjust is None:
+                self.ends.remember(ids, table, opts.namespace, run.logits)  # computed exactly
         return PrefillResult(
             logits=run.logits, recomputed=run.recomputed, num_prefix_hit_tokens=start,
             num_segment_hit_tokens=int(reused.sum()),
@@ -129,6 +138,26 @@ class Prefiller:
         if not sids:
             raise RuntimeError("the KV pool is full; could not pin the document")
         return sids[0]
+
+
+class RecalledPrefill:
+    """An exact repeat served from ``PromptEnds``: its KV is complete and its logits known; the
+    same interface as :class:`PrefillTask`, done at once."""
+
+    def __init__(self, ids: list[int], adm: Admission, logits: torch.Tensor) -> None:
+        self.ids, self.adm, self.done = ids, adm, len(ids)
+        self.result = PrefillResult(
+            logits=logits, recomputed=torch.zeros(0, dtype=torch.int64), num_prefix_hit_tokens=adm.prefix_len,
+            num_segment_hit_tokens=0, compute_fraction=0.0, load_s=0.0,
+            segment_sources=dict(Counter(str(s.source) for s in adm.spans)),
+        )
+
+    @property
+    def num_remaining(self) -> int:
+        return 0
+
+    def advance(self, max_tokens: int | None) -> PrefillResult:
+        return self.result
 
 
 class PrefillTask:
