@@ -250,3 +250,27 @@ def test_narrowing_stages_are_validated_and_costed() -> None:
     run = PlanRun(torch.zeros(1), torch.arange(10), stage_sizes=(40, 20))
     # layers 0-1 all 100 tokens; layer 2: 40; layers 3-4: 20; layers 5-9: 10
     assert compute_fraction(plan, run, 10, 100) == pytest.approx((2 * 100 + 40 + 2 * 20 + 5 * 10) / 1000)
+
+
+@pytest.mark.parametrize("method", ["blend", "sparsex"])
+def test_sink_tokens_recompute_what_was_cached_at_a_prompt_start(tiny_model_dir, method: str) -> None:
+    """Two documents each served alone (their first tokens cached at positions 0..): pasted one
+    after the other, the second one's first tokens are attention sinks of the cache; sink_tokens
+    recomputes them, even at budget 0 and with no new text next to them (no overflow)."""
+    llm = LLM(model=str(tiny_model_dir("llama")), kv_cache_memory=32 << 20)
+    first, second = (llm.tokenizer.encode(d) for d in DOCS[:2])
+    for doc in (first, second):
+        llm.generate([doc], SamplingParams(max_tokens=1), reuse="none")
+    prompt = [first, second, llm.tokenizer.encode(" Question: what?")]
+    start = len(llm.tokenizer.with_bos([])) + len(first)  # where the second document lands
+
+    def recomputed(sinks: int) -> set[int]:
+        req = llm.add_request(prompt, SamplingParams(max_tokens=1), keep_first_logits=True,
+                              reuse={"method": method, "budget": 0.0, "sink_tokens": sinks, "register": False})
+        out = llm.run_to_completion([req])[0]
+        assert out.metrics.num_segment_hit_tokens >= len(second) - 16
+        return {int(p) for p in out.recomputed_positions}
+
+    assert not {start, start + 1, start + 2} & recomputed(0)
+    assert {start, start + 1, start + 2} <= recomputed(3)
+    assert start + 3 not in recomputed(3)

@@ -15,6 +15,7 @@ from sparsex.reuse.selectors import (
     overflow_positions,
     query_mass,
     runs,
+    sink_positions,
     sparse_q_scores,
     tail_positions,
     top_k_reused,
@@ -82,6 +83,14 @@ def test_tail_fallback_only_when_prompt_ends_in_a_segment() -> None:
     assert tail_positions(reused, [(1, 11)], 4).tolist() == [7, 8, 9, 10]
     reused2 = torch.tensor([False] + [True] * 6 + [False] * 5)  # a question follows the segment
     assert tail_positions(reused2, [(1, 7)], 4).tolist() == []
+
+
+def test_sinks_are_reused_tokens_cached_at_the_first_positions() -> None:
+    reused = torch.tensor([False, True, True, True, True, False, True, True])
+    cached_at = torch.tensor([-1, 0, 1, 2, 37, -1, 0, 5])  # two entries cached from a prompt start
+    assert sink_positions(reused, cached_at, 2).tolist() == [1, 2, 6]
+    assert sink_positions(reused, cached_at, 0).tolist() == []
+    assert sink_positions(reused & torch.tensor([True] * 6 + [False] * 2), cached_at, 1).tolist() == [1]
 
 
 def test_epic_first_tokens_of_each_segment_and_union() -> None:

@@ -107,7 +107,7 @@ def late_start_effect(
     table = llm.pool.allocate(-(-n // bs))
     try:
         reused = torch.zeros(n, dtype=torch.bool)
-        reused[llm.store.load(hits, table)] = True
+        reused[llm.store.load(hits, table)[0]] = True
         dev = kv.k.device
         slots, read = kv.slots(table, torch.arange(n, device=dev)), kv.reader(table, n, dev)
         k_naive, v_naive = kv.k[:, slots].clone(), kv.v[:, slots].clone()

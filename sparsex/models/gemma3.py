@@ -75,6 +75,11 @@ class Gemma3Model(nn.Module):
         self.norm = nn.Parameter(torch.zeros(cfg.hidden_size))
         self.eps = cfg.rms_norm_eps
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.head: nn.Module | None = None  # a packed output projection (models/linear.py), if any
+
+    def output_weight(self) -> torch.Tensor:
+        """[V, H]: the tied embedding."""
+        return self.embed_tokens.weight
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens.weight
@@ -108,7 +113,8 @@ class Gemma3Model(nn.Module):
         return x + rms_norm(mlp, layer.post_feedforward_layernorm, eps, offset=1.0)
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
-        logits = rms_norm(x, self.norm, self.eps, offset=1.0) @ self.embed_tokens.weight.T  # [N, V]
+        h = rms_norm(x, self.norm, self.eps, offset=1.0)
+        logits: torch.Tensor = self.head(h) if self.head is not None else h @ self.output_weight().T  # [N, V]
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits

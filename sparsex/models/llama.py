@@ -77,6 +77,11 @@ class LlamaModel(nn.Module):
         if not self.tie:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.eps = cfg.rms_norm_eps
+        self.head: nn.Module | None = None  # a packed output projection (models/linear.py), if any
+
+    def output_weight(self) -> torch.Tensor:
+        """[V, H]: the LM head's weight, or the tied embedding."""
+        return self.embed_tokens.weight if self.tie else self.lm_head.weight
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         x: torch.Tensor = self.embed_tokens(token_ids)  # [N, H]
@@ -111,8 +116,10 @@ class LlamaModel(nn.Module):
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         h = rms_norm(x, self.norm, self.eps)
-        w = self.embed_tokens.weight if self.tie else self.lm_head.weight
-        return h @ w.T  # [N, V]
+        if self.head is not None:
+            out: torch.Tensor = self.head(h)
+            return out
+        return h @ self.output_weight().T  # [N, V]
 
     @staticmethod
     def convert_state_dict(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ from sparsex.models.gemma3 import FAMILY_TYPES as GEMMA3_TYPES
 from sparsex.models.gemma3 import Gemma3Model
 from sparsex.models.hf_config import read_config
 from sparsex.models.hub import fetch_model, parse_hub_id
+from sparsex.models.linear import pack_model, packing_available
 from sparsex.models.llama import FAMILY_TYPES as LLAMA_TYPES
 from sparsex.models.llama import LlamaModel
 
@@ -194,6 +195,11 @@ def load_model(folder: Path, device: torch.device) -> tuple[nn.Module, Any]:
     model.to(device).eval()
     if isinstance(model, Gemma3Model):
         model.embed_scale = torch.tensor(cfg.hidden_size**0.5)
+    if isinstance(model, (LlamaModel, Gemma3Model)) and packing_available(device):
+        try:
+            model.head = pack_model(model.layers, model.output_weight())
+        except RuntimeError as e:  # a CPU build whose oneDNN disagrees: MKL's matmul stays
+            _log(f"keeping unpacked linear layers: {e}")
     name = folder.name
     if folder.parent.name == "snapshots":  # a Hub cache snapshot: models--org--name/snapshots/<commit>
         name = folder.parent.parent.name.removeprefix("models--").replace("--", "/") + "@" + folder.name[:12]

@@ -37,6 +37,9 @@ class ReuseOptions:
         True for sparsex (the paper does), False for blend (causally those tokens never see the
         new text; measured: same quality on RAG for 0.05 less cost, see docs/BENCHMARKS.md).
     tail_tokens: tokens added from a reused segment the prompt ends in (sparsex, blend).
+    sink_tokens: sparsex, blend: reused tokens whose KV was computed at a position below this (the
+        first tokens of the prompt that cached them, where attention sinks form) are always
+        recomputed; 0 = off.
     epic_tokens: epic: leading tokens recomputed per reused segment.
     check_layer: cacheblend: layer at which K deviation is measured (dense through it); blend: the
         probed layer (dense before it).
@@ -82,6 +85,7 @@ class ReuseOptions:
     overflow_blocks: int = 1
     overflow_before: bool | None = None
     tail_tokens: int = 64
+    sink_tokens: int = 0
     epic_tokens: int = 16
     check_layer: int = 1
     filter_layers: int = 3
@@ -118,7 +122,8 @@ class ReuseOptions:
             raise ValueError(f"filter_start must be >= 1 (a multiple of the budget), got {self.filter_start}")
         if self.candidates < 1.0:
             raise ValueError(f"candidates must be >= 1 (a multiple of the budget), got {self.candidates}")
-        for name in ("overflow_blocks", "tail_tokens", "epic_tokens", "check_layer", "narrow_layer", "filter_layers"):
+        for name in ("overflow_blocks", "tail_tokens", "sink_tokens", "epic_tokens", "check_layer", "narrow_layer",
+                     "filter_layers"):
             if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"{name} must be >= 0")
 

@@ -24,6 +24,7 @@ from sparsex.reuse.selectors import (
     kv_deviation_scores,
     overflow_positions,
     query_mass,
+    sink_positions,
     tail_positions,
     top_k_reused,
     union,
@@ -39,12 +40,14 @@ class ReuseSituation:
     prefix_len: exact prefix-cache hit length.
     reused: [T] bool, positions whose KV was loaded from cached segments.
     segment_runs: [start, end) of every loaded segment hit.
+    cached_at: [T] int64, the position each reused token's KV was computed at (-1 where not reused).
     """
 
     seq: SeqInput
     prefix_len: int
     reused: torch.Tensor
     segment_runs: list[tuple[int, int]]
+    cached_at: torch.Tensor
 
     @property
     def length(self) -> int:
@@ -147,12 +150,14 @@ def plan_cacheblend(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -
 
 
 def recompute_extras(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> torch.Tensor:
-    """Overflow blocks next to every non-reused run, and the tail fallback (sparsex, blend)."""
+    """Overflow blocks next to every non-reused run, the tail fallback, and the cached attention
+    sinks when asked (sparsex, blend)."""
     before = opts.method == "sparsex" if opts.overflow_before is None else opts.overflow_before
     width = opts.overflow_blocks * ctx.kv.block_size
     return union(
         overflow_positions(sit.reused, width, sit.prefix_len, before=before),
         tail_positions(sit.reused, sit.segment_runs, opts.tail_tokens),
+        sink_positions(sit.reused, sit.cached_at, opts.sink_tokens),
     )
 
 

@@ -97,14 +97,18 @@ class Prefiller:
         t0 = time.perf_counter()
         n, start, table = len(ids), adm.prefix_len, list(adm.block_table)
         reused = torch.zeros(n, dtype=torch.bool)
+        cached_at = torch.full((n,), -1, dtype=torch.int64)
         try:
-            reused[self.store.load(adm.hits, table)] = True
+            to_pos, from_pos = self.store.load(adm.hits, table)
         except Exception:
             self.store.manager.release_hits(adm.hits)  # load releases them only when it completes
             raise
+        reused[to_pos] = True
+        cached_at[to_pos] = from_pos
         load_s = time.perf_counter() - t0
         seq = SeqInput(ids[start:], list(range(start, n)), table, n)
-        plan = plan_prefill(opts, ReuseSituation(seq, start, reused, adm.runs), self.context, self.planners)
+        situation = ReuseSituation(seq, start, reused, adm.runs, cached_at)
+        plan = plan_prefill(opts, situation, self.context, self.planners)
         return plan, reused, load_s
 
     def _finish(

@@ -132,6 +132,14 @@ def tail_positions(reused: torch.Tensor, segment_runs: list[tuple[int, int]], to
     return torch.zeros(0, dtype=torch.int64, device=reused.device)
 
 
+def sink_positions(reused: torch.Tensor, cached_at: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Reused positions whose KV was computed at a position below ``tokens``: the first tokens of
+    the prompt that cached them, where attention sinks form (``cached_at``: [T], -1 if not reused)."""
+    if tokens <= 0:
+        return torch.zeros(0, dtype=torch.int64, device=reused.device)
+    return torch.nonzero(reused & (cached_at >= 0) & (cached_at < tokens)).flatten()
+
+
 def epic_positions(segment_runs: list[tuple[int, int]], tokens: int) -> torch.Tensor:
     """EPIC / LegoLink: the first ``tokens`` positions of every reused segment."""
     pos = [torch.arange(a, min(b, a + tokens)) for a, b in segment_runs]

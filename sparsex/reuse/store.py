@@ -78,13 +78,14 @@ class SegmentStore:
         self.on_publish: Callable[[PublishedSegment], None] | None = None
         """Told of every segment ``publish`` stored (the engine's tiered store, when configured)."""
 
-    def load(self, hits: Sequence[SegmentReuse], block_table: Sequence[int]) -> torch.Tensor:
+    def load(self, hits: Sequence[SegmentReuse], block_table: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Copy every hit's KV into the request's blocks, keys rotated to the new positions.
 
-        Releases the source blocks. Returns the [k] positions that were loaded.
+        Releases the source blocks. Returns the [k] positions that were loaded and the [k]
+        positions their KV was computed at.
         """
         if not hits:
-            return torch.zeros(0, dtype=torch.int64)
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
         bs = self.pool.block_size
         src, frm, to = [], [], []
         for h in hits:
@@ -115,7 +116,7 @@ class SegmentStore:
                     rot = rotations[id(table)][a:b]
                     rotate_into(k[l0:l1, d0 + a : d0 + b], k[l0:l1, s0 + a : s0 + b], rot)
         self.manager.release_hits(hits)
-        return to_pos
+        return to_pos, from_pos
 
     def publish(
         self, ids: list[int], block_table: Sequence[int], namespace: str, num_exact: int,

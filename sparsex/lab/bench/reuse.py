@@ -76,7 +76,7 @@ def load_breakdown(llm: Any, prompt: list[Any], namespace: str, repeats: int) ->
         table = prefix_blocks + pool.allocate(-(-n // pool.block_size) - len(prefix_blocks))
         try:
             t2 = time.perf_counter()
-            loaded = store.load(hits, table)  # releases the hits' source blocks
+            loaded, _ = store.load(hits, table)  # releases the hits' source blocks
             t3 = time.perf_counter()
         finally:
             pool.release(table)
