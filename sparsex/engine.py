@@ -228,7 +228,9 @@ class LLM(Outputs, PinnedSegments):
         touched: list[Request] = []
         for req, adm in out.admitted:
             try:
-                self._tasks[req.request_id] = self.prefiller.start(req.prompt_token_ids, req.reuse, adm)
+                task = self.prefiller.start(req.prompt_token_ids, req.reuse, adm)
+                self._tasks[req.request_id] = task
+                req.num_computed_tokens = len(req.prompt_token_ids) - task.num_remaining  # its work left
             except Exception as e:
                 self._fail(req, e)
                 touched += [req, *self._fail_followers(req, e)]
