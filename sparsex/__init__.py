@@ -1,7 +1,7 @@
 """SparseX: reuse the KV cache of text segments anywhere in a prompt.
 
 Heavy modules (torch, transformers) load lazily so that the pure-Python
-parts (``sparsex.cache``, ``sparsex.scheduler``) import without torch.
+parts (``sparsex.cache``, ``sparsex.core.scheduler``) import without torch.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from sparsex.sampling_params import SamplingParams
 from sparsex.segments import Segment
 
 if TYPE_CHECKING:
-    from sparsex.engine import LLM, RequestOutput
+    from sparsex.llm import LLM, RequestOutput
 
 __all__ = ["LLM", "RequestOutput", "SamplingParams", "Segment"]
 __version__ = "0.1.0"
@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:
     if name in ("LLM", "RequestOutput"):
-        from sparsex import engine
+        from sparsex import llm
 
-        return getattr(engine, name)
+        return getattr(llm, name)
     raise AttributeError(f"module 'sparsex' has no attribute {name!r}")

@@ -11,7 +11,7 @@ def run_demo(model: str | None = None, device: str = "cpu", quick: bool = False)
     t0 = time.perf_counter()
     llm = LLM(model=model, device=device)
     print(f"model {llm.model_name} loaded in {time.perf_counter() - t0:.1f}s "
-          f"({llm.spec.num_layers} layers, KV pool {llm.pool.num_blocks} blocks of {llm.pool.block_size})")
+          f"({llm.spec.num_layers} layers, KV pool {llm.engine.pool.num_blocks} blocks of {llm.engine.pool.block_size})")
     params = SamplingParams(max_tokens=24 if quick else 48, temperature=0.0)
     out = llm.chat([{"role": "user", "content": "In one sentence, what is a KV cache?"}], params)
     m = out.metrics

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from sparsex.kv_manager import Admission
-from sparsex.request import Request
+from sparsex.core.request import Request
+from sparsex.kv.admission import Admission
 
 
 class FakeAdmitter:

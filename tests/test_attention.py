@@ -96,7 +96,7 @@ def test_attend_pieces_matches_reference(pattern: str) -> None:
 
 
 def test_reader_gives_runs_of_consecutive_blocks() -> None:
-    from sparsex.kv_cache import MAX_READ_RUNS, KVCache
+    from sparsex.kv.paged import MAX_READ_RUNS, KVCache
     from sparsex.models.base import ModelSpec
 
     spec = ModelSpec("llama", 1, 2, 1, 4, 8, 10, 64, [None], [], 0.5)

@@ -73,7 +73,7 @@ def test_a_short_request_is_served_during_a_chunked_reuse_prefill(model: str) ->
 def test_a_few_hit_tokens_after_a_prefix_are_recomputed_instead(model: str) -> None:
     """Hits covering under MIN_REUSED_SHARE of the tokens after the exact prefix are handed back:
     the rest of the prompt is recomputed exactly (the same as with prefix caching alone)."""
-    from sparsex.reuse.prefill import MIN_REUSED_SHARE
+    from sparsex.core.prefill import MIN_REUSED_SHARE
 
     llm = LLM(model=model, kv_cache_memory=16 << 20, max_prefill_tokens=None)
     g = torch.Generator().manual_seed(3)
@@ -92,4 +92,4 @@ def test_a_few_hit_tokens_after_a_prefix_are_recomputed_instead(model: str) -> N
     assert blend.metrics.num_prefix_hit_tokens == prefix.metrics.num_prefix_hit_tokens == 64
     assert blend.metrics.num_segment_hit_tokens == 0 and blend.metrics.num_reused_runs == 0
     assert np.abs(blend.first_logprobs - prefix.first_logprobs).max() <= 1e-6
-    assert llm.pool.num_free_blocks == llm.pool.num_blocks  # the handed-back hits hold nothing
+    assert llm.engine.pool.num_free_blocks == llm.engine.pool.num_blocks  # the handed-back hits hold nothing

@@ -24,7 +24,7 @@ def test_stream_yields_exactly_the_final_text(llm: LLM) -> None:
 
 
 def test_a_failing_request_finishes_alone(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sparsex.engine as engine
+    import sparsex.core.engine as engine
 
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     poisoned = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
@@ -43,13 +43,36 @@ def test_a_failing_request_finishes_alone(llm: LLM, monkeypatch: pytest.MonkeyPa
     assert bad.finish_reason == "error" and len(bad.output_token_ids) == 2
     assert good.finish_reason == "length" and len(good.output_token_ids) == 6
     assert isinstance(llm.error_of(bad), FloatingPointError) and llm.error_of(bad) is None
-    assert llm.pool.num_free_blocks == llm.pool.num_blocks - llm.pool.num_pinned_blocks
+    assert llm.engine.pool.num_free_blocks == llm.engine.pool.num_blocks - llm.engine.pool.num_pinned_blocks
 
 
 def test_generate_raises_the_failure(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sparsex.engine as engine
+    import sparsex.core.engine as engine
 
     monkeypatch.setattr(engine, "sample", lambda *a: (_ for _ in ()).throw(FloatingPointError("boom")))
     with pytest.raises(FloatingPointError, match="boom"):
         llm.generate("Anything", SamplingParams(max_tokens=3))
     assert not llm.has_unfinished()
+
+
+def test_engine_options_are_the_configs_fields_and_the_config_checks_itself() -> None:
+    from typing import get_type_hints
+
+    from sparsex.config import CONFIG_FIELDS, EngineConfig, EngineOptions
+
+    assert set(get_type_hints(EngineOptions)) == set(CONFIG_FIELDS) - {"model"}
+    for bad in ({"max_prefill_tokens": 0}, {"kv_dtype": "int8"}, {"block_size": 0}, {"high_water": 1.5},
+                {"kv_store_dtype": "float64"}):
+        with pytest.raises(ValueError):
+            EngineConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_llm_takes_a_config_or_its_fields(tiny_model_dir: Any) -> None:
+    from sparsex.config import EngineConfig
+
+    folder = str(tiny_model_dir("llama"))
+    a = LLM(config=EngineConfig(model=folder, kv_cache_memory=4 << 20, block_size=8))
+    b = LLM(folder, kv_cache_memory=4 << 20, block_size=8)
+    assert a.config == b.config and a.pool.block_size == 8
+    with pytest.raises(ValueError, match="either config"):
+        LLM(folder, config=EngineConfig(model=folder))

@@ -1,6 +1,6 @@
 """The scheduler's fairness, on its own (pure Python, a fake admitter): tenants take turns at
 admission and at prefill, aging bounds every request's wait inside its tenant, and the bound stated
-in ``sparsex/scheduler.py`` holds under floods. Everything is counted in steps, never timed."""
+in ``sparsex/core/scheduler.py`` holds under floods. Everything is counted in steps, never timed."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsex.request import Request, RequestStatus
+from sparsex.core.request import Request, RequestStatus
+from sparsex.core.scheduler import MAX_PREFILL_SKIPS, Scheduler
 from sparsex.sampling_params import SamplingParams
-from sparsex.scheduler import MAX_PREFILL_SKIPS, Scheduler
 from tests.fake_admitter import FakeAdmitter
 
 CHUNK = 8  # prompt tokens per prefill chunk in these simulations
@@ -136,7 +136,7 @@ def test_aging_bounds_a_long_prefill_under_its_own_tenants_flood() -> None:
 def test_the_stated_bound_holds_under_any_flood(long_chunks: int, flood: list[tuple[str, int, int]],
                                                 max_skips: int) -> None:
     """Every step the flood sends the same batch again; the long request of tenant ``a`` gets its
-    first token within 2 * T * (max_skips + N) * c steps of its admission (``sparsex/scheduler.py``)."""
+    first token within 2 * T * (max_skips + N) * c steps of its admission (``sparsex/core/scheduler.py``)."""
     admitter = FakeAdmitter(free=1_000_000)
     sched = Scheduler(admitter, max_num_seqs=16, max_skips=max_skips)  # type: ignore[arg-type]
     long = req("a", long_chunks * CHUNK, max_tokens=2)

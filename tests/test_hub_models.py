@@ -66,7 +66,7 @@ def test_hub_ids_are_parsed_and_paths_are_not() -> None:
 def test_a_model_loads_by_hub_id_from_the_cache_offline(hub_home: Path, tiny_model_dir: Callable[[str], Path]) -> None:
     snapshot = lay_out_hub_cache(hub_home / "hub", "acme/tiny-llama", tiny_model_dir("llama"))
     llm = LLM(model="acme/tiny-llama", kv_cache_memory=1 << 20)
-    assert llm.model_path == snapshot
+    assert llm.engine.model_path == snapshot
     assert llm.model_name == "acme/tiny-llama"
     local = LLM(model=str(tiny_model_dir("llama")), kv_cache_memory=1 << 20)
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)

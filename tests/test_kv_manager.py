@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sparsex.kv_manager import fresh_pieces
+from sparsex.kv.admission import fresh_pieces
 from sparsex.segments import SegmentSpan
 
 

@@ -14,18 +14,19 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = REPO_ROOT / "sparsex"
 
-# Lowest first. A module may import its own layer or lower ones; the first matching prefix wins.
+# Lowest first: a module may import its own layer or lower ones; the first matching prefix wins.
+# Every package (folder) sits in one layer, so the same rule holds between folders.
 LAYERS: list[tuple[str, ...]] = [
-    ("sparsex.segments", "sparsex.sampling_params", "sparsex.reuse.options", "sparsex.config",
-     "sparsex.detokenize"),                                                  # plain data, pure Python
-    ("sparsex.cache",),                                                      # block bookkeeping
-    ("sparsex.request", "sparsex.kv_manager", "sparsex.scheduler"),          # admission, scheduling
-    ("sparsex.models",),                                                     # model files, attention
-    ("sparsex.kv_cache", "sparsex.model_runner", "sparsex.tokenizer", "sparsex.sampler",
-     "sparsex.kvstore", "sparsex.kvevents"),                                 # storage, runner, I/O
-    ("sparsex.reuse",),                                                      # load, plan, run, publish
-    ("sparsex.engine", "sparsex.engine_outputs", "sparsex.engine_pins",
-     "sparsex"),                                                             # LLM, the public API
+    ("sparsex.segments", "sparsex.sampling_params", "sparsex.config", "sparsex.detokenize"),  # plain data
+    ("sparsex.cache",),                                                      # block bookkeeping (pure)
+    ("sparsex.models", "sparsex.tokenizer"),                                 # model files, tokenizer
+    ("sparsex.kvstore",),                                                    # store tiers (bytes)
+    ("sparsex.kvevents",),                                                   # KV events out
+    ("sparsex.kv",),                                                         # what is cached, and where
+    ("sparsex.runtime",),                                                    # running a plan on a model
+    ("sparsex.reuse",),                                                      # recompute policy
+    ("sparsex.core",),                                                       # the engine core's step loop
+    ("sparsex.llm", "sparsex"),                                              # LLM, the public API
     ("sparsex.server",),                                                     # HTTP
     ("sparsex.lab", "sparsex.demo"),                                         # evaluation, demo
     ("sparsex.cli",),                                                        # the command line
@@ -51,11 +52,25 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
-def imports_of(module: str) -> set[str]:
-    """The sparsex modules ``module`` imports (a ``from pkg import name`` of a submodule counts as it)."""
+def type_only_nodes(tree: ast.AST) -> set[int]:
+    """ids of the nodes inside ``if TYPE_CHECKING:`` blocks (imports for annotations only)."""
+    out: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            out.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    return out
+
+
+def imports_of(module: str, runtime_only: bool = False) -> set[str]:
+    """The sparsex modules ``module`` imports (a ``from pkg import name`` of a submodule counts as it);
+    ``runtime_only``: leave out imports made for annotations only (``if TYPE_CHECKING:``)."""
+    tree = ast.parse(MODULES[module].read_text())
+    skip = type_only_nodes(tree) if runtime_only else set()
     out: set[str] = set()
-    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+    for node in ast.walk(tree):
         names: list[str] = []
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -67,6 +82,9 @@ def imports_of(module: str) -> set[str]:
 
 
 GRAPH = {m: imports_of(m) for m in MODULES}
+"""Every import, annotation-only ones included: what the layer and folder rules judge."""
+RUNTIME_GRAPH = {m: imports_of(m, runtime_only=True) for m in MODULES}
+"""Imports that run: what a module-level import circle is made of."""
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
@@ -101,9 +119,34 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_circle() -> None:
     # The package facade lazily imports the engine, which every module's package import runs
-    # through; edges *to* the facade are real, edges *from* it to the engine are its API.
-    graph = {m: {t for t in ts if t != "sparsex"} for m, ts in GRAPH.items()}
+    # through; edges *to* the facade are real, edges *from* it to the engine are its API. Between
+    # folders, annotation-only imports count too (test_no_folder_imports_a_folder_that_imports_it_back).
+    graph = {m: {t for t in ts if t != "sparsex"} for m, ts in RUNTIME_GRAPH.items()}
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+def folder_of(module: str) -> str:
+    """The package a module belongs to (``sparsex.kv.admission`` -> ``sparsex.kv``); a top-level
+    module is its own."""
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+FOLDERS = {folder_of(m) for m in MODULES}
+FOLDER_GRAPH = {f: {folder_of(t) for m in MODULES if folder_of(m) == f for t in GRAPH[m]} - {f, "sparsex"}
+                for f in FOLDERS}
+
+
+def test_no_folder_imports_a_folder_that_imports_it_back() -> None:
+    assert find_cycle(FOLDER_GRAPH) is None, " -> ".join(find_cycle(FOLDER_GRAPH) or [])
+
+
+@pytest.mark.parametrize("folder", sorted(FOLDERS))
+def test_every_folder_sits_in_one_layer_and_imports_only_below_it(folder: str) -> None:
+    members = {layer_of(m) for m in MODULES if folder_of(m) == folder}
+    assert len(members) == 1, f"{folder}'s modules span layers {sorted(members)}"
+    upward = sorted(t for t in FOLDER_GRAPH[folder] if layer_of(t) > layer_of(folder))
+    assert not upward, f"{folder} imports higher folders: {upward}"
 
 
 def test_the_cycle_finder_finds_a_planted_circle() -> None:
@@ -112,11 +155,14 @@ def test_the_cycle_finder_finds_a_planted_circle() -> None:
 
 
 def test_the_layer_check_catches_an_upward_import() -> None:
-    assert layer_of("sparsex.models.llama") < layer_of("sparsex.kv_cache")  # models must not import storage
-    assert layer_of("sparsex.engine") < layer_of("sparsex.lab.quality")
-    assert layer_of("sparsex.reuse.options") < layer_of("sparsex.reuse.planner")
+    assert layer_of("sparsex.models.llama") < layer_of("sparsex.kv.paged")  # models must not import storage
+    assert layer_of("sparsex.kv.admission") < layer_of("sparsex.core.request")  # admission sees a Protocol
+    assert layer_of("sparsex.runtime.executor") < layer_of("sparsex.reuse.planner")  # plans are data
+    assert layer_of("sparsex.core.engine") < layer_of("sparsex.lab.quality")
     with pytest.raises(AssertionError):
         layer_of("sparsex_other.module")
+    planted = {"sparsex.kv": {"sparsex.core"}, "sparsex.core": {"sparsex.kv"}}
+    assert find_cycle(planted) == ["sparsex.core", "sparsex.kv", "sparsex.core"]
 
 
 def test_serving_path_never_loads_the_lab(tiny_model_dir) -> None:

@@ -37,11 +37,11 @@ def test_the_engine_runs_packed_and_keeps_f_linear_when_the_kernel_disagrees(
 ) -> None:
     folder = str(tiny_model_dir("llama"))
     packed = LLM(model=folder, kv_cache_memory=8 << 20)
-    assert packed.model.head is not None
-    assert isinstance(packed.model.layers[0].qkv_proj, PackedLinear)
+    assert packed.engine.model.head is not None
+    assert isinstance(packed.engine.model.layers[0].qkv_proj, PackedLinear)
     monkeypatch.setattr(PackedLinear, "forward", lambda self, x: torch.zeros(x.shape[0], self.out_features))
     plain = LLM(model=folder, kv_cache_memory=8 << 20)
-    assert plain.model.head is None and isinstance(plain.model.layers[0].qkv_proj, nn.Linear)
+    assert plain.engine.model.head is None and isinstance(plain.engine.model.layers[0].qkv_proj, nn.Linear)
     monkeypatch.undo()
     a = packed.next_token_logprobs("Hello there", reuse="none")
     b = plain.next_token_logprobs("Hello there", reuse="none")

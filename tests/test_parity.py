@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from sparsex import LLM, SamplingParams
-from sparsex.kv_cache import KVCache
-from sparsex.model_runner import ModelRunner, SeqInput
+from sparsex.kv.paged import KVCache
 from sparsex.models.loader import load_model
+from sparsex.runtime.model_runner import ModelRunner, SeqInput
 from tests.tiny_models import ARCHS
 
 LENGTHS = (1, 7, 40, 100)  # 100 tokens span 7 blocks of 16 and exceed the tiny Gemma's window (24)
@@ -78,7 +78,7 @@ def test_logprobs_stay_aligned_with_tokens_when_eos_ends_generation(tiny_model_d
     prompt = list(range(10, 30))
     free = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
     eos = free.token_ids[3]
-    llm.eos_token_ids = {eos}  # make the 4th greedy token end generation
+    llm.engine.eos_token_ids = {eos}  # make the 4th greedy token end generation
     out = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, logprobs=True))[0]
     assert out.finish_reason == "stop"
     assert out.token_ids == free.token_ids[: free.token_ids.index(eos)]

@@ -54,7 +54,7 @@ def test_cache_list_hit_uncache(llama: Any) -> None:
     assert [segs[i]["num_blocks"] for i in ids] == [3, 2, -(-n_text // BS)]
     assert [segs[i]["name"] for i in ids] == ["first", "second", "text"]
     assert [segs[i]["num_hits"] for i in ids] == [0, 0, 0]
-    assert llm.pool.num_pinned_blocks == 5 + -(-n_text // BS)
+    assert llm.engine.pool.num_pinned_blocks == 5 + -(-n_text // BS)
 
     for k in range(1, 4):
         m = ask(llm, kb[0], lead=f"Question {k}:")
@@ -73,12 +73,12 @@ def test_cache_list_hit_uncache(llama: Any) -> None:
 
     assert llm.uncache_segments([ids[0], "seg-unknown"]) == 1
     assert list(listing(llm)) == ids[1:]
-    assert llm.pool.num_pinned_blocks == 2 + -(-n_text // BS)
+    assert llm.engine.pool.num_pinned_blocks == 2 + -(-n_text // BS)
     # Unpinned KV stays cached until evicted.
     assert ask(llm, kb[0], lead="After:").num_segment_hit_tokens == 40
     assert llm.uncache_segments(ids[1:]) == 2
-    assert llm.list_segments() == [] and llm.pool.num_pinned_blocks == 0
-    assert llm.pool.num_free_blocks == llm.pool.num_blocks
+    assert llm.list_segments() == [] and llm.engine.pool.num_pinned_blocks == 0
+    assert llm.engine.pool.num_free_blocks == llm.engine.pool.num_blocks
 
 
 def test_pinned_segments_keep_their_namespace(llama: Any) -> None:
@@ -94,10 +94,10 @@ def test_pinned_segments_keep_their_namespace(llama: Any) -> None:
 
 def test_pinned_survive_lru_pressure_until_high_water(llama: Any) -> None:
     llm = make_llm(llama, num_blocks=40, high_water=0.5)
-    assert llm.pool.high_water_blocks == 20
+    assert llm.engine.pool.high_water_blocks == 20
     popular, rare = docs_of(llm, 40, 40)
     pid, rid = llm.cache_segments([popular, rare])
-    assert llm.pool.num_pinned_blocks == 6
+    assert llm.engine.pool.num_pinned_blocks == 6
     for k in range(3):
         ask(llm, popular, lead=f"Popular {k}:")
     ask(llm, rare, lead="Rare:")
@@ -108,8 +108,8 @@ def test_pinned_survive_lru_pressure_until_high_water(llama: Any) -> None:
     assert len(filler) >= 30 * 60
     for i in range(30):
         ask(llm, filler[60 * i : 60 * i + 60], lead=f"Churn {i}:")
-    assert llm.cache.segments.missing_blocks(filler[:60], "") != []  # the churn was evicted
-    assert llm.pool.num_pinned_blocks == 6 and set(listing(llm)) == {pid, rid}
+    assert llm.engine.cache.segments.missing_blocks(filler[:60], "") != []  # the churn was evicted
+    assert llm.engine.pool.num_pinned_blocks == 6 and set(listing(llm)) == {pid, rid}
     assert ask(llm, rare, lead="Rare again:").num_segment_hit_tokens == 40
     assert ask(llm, popular, lead="Popular again:").num_segment_hit_tokens == 40
     assert [listing(llm)[i]["num_hits"] for i in (pid, rid)] == [4, 2]
@@ -121,13 +121,13 @@ def test_pinned_survive_lru_pressure_until_high_water(llama: Any) -> None:
         assert out.finish_reason == "length"
 
     big_request(14)  # 6 pinned + 14 = 20 blocks in use: at the mark, nothing is dropped
-    assert set(listing(llm)) == {pid, rid} and llm.pool.num_pinned_blocks == 6
+    assert set(listing(llm)) == {pid, rid} and llm.engine.pool.num_pinned_blocks == 6
     big_request(15)  # 21 > 20: the least-used pinned segment goes, and only it
-    assert set(listing(llm)) == {pid} and llm.pool.num_pinned_blocks == 3
+    assert set(listing(llm)) == {pid} and llm.engine.pool.num_pinned_blocks == 3
     assert ask(llm, popular, lead="Still here:").num_segment_hit_tokens == 40
     big_request(18)  # 3 + 18 > 20: the last one goes too
-    assert llm.list_segments() == [] and llm.pool.num_pinned_blocks == 0
-    assert llm.pool.num_free_blocks == llm.pool.num_blocks
+    assert llm.list_segments() == [] and llm.engine.pool.num_pinned_blocks == 0
+    assert llm.engine.pool.num_free_blocks == llm.engine.pool.num_blocks
 
 
 def test_pinned_segment_hits_through_a_full_pool(llama: Any) -> None:
@@ -138,5 +138,5 @@ def test_pinned_segment_hits_through_a_full_pool(llama: Any) -> None:
     for i, doc in enumerate(stream):
         m = ask(llm, warm, doc, lead=f"Q{i}")
         assert m.num_segment_hit_tokens == 30, i
-        assert llm.pool.num_free_blocks == llm.pool.num_blocks - llm.pool.num_pinned_blocks == 10
+        assert llm.engine.pool.num_free_blocks == llm.engine.pool.num_blocks - llm.engine.pool.num_pinned_blocks == 10
     assert listing(llm)[sid]["num_hits"] == len(stream)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sparsex import LLM, SamplingParams, Segment
-from sparsex.reuse.prompt_ends import PromptEnds
+from sparsex.kv.prompt_ends import PromptEnds
 from tests.tiny_models import make_llm
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -43,7 +43,7 @@ def test_an_exact_repeat_runs_nothing_and_decodes_like_a_recompute(model: Any, n
     recompute = first(make_llm(model), prompt, reuse="prefix")  # a fresh engine computes it all
     assert again.token_ids == once.token_ids == recompute.token_ids
     assert np.abs(again.first_logprobs - recompute.first_logprobs).max() <= 1e-5
-    assert llm.pool.num_free_blocks == llm.pool.num_blocks  # the repeat gave its blocks back
+    assert llm.engine.pool.num_free_blocks == llm.engine.pool.num_blocks  # the repeat gave its blocks back
 
 
 def test_nothing_is_recalled_for_another_prompt_tenant_or_method(model: Any) -> None:
@@ -69,7 +69,7 @@ def test_a_prompt_that_reused_segments_leaves_no_end(model: Any) -> None:
 def test_ends_are_bounded_and_an_evicted_prefix_drops_its_end(model: Any) -> None:
     llm = make_llm(model, num_blocks=40)
     prompts = [ids(llm, 60, 10 + i) for i in range(3)]
-    ends = llm.prefiller.ends
+    ends = llm.engine.prefiller.ends
     ends.capacity = 2
     for p in prompts:
         first(llm, p, params=SamplingParams(max_tokens=1))

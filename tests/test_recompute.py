@@ -142,16 +142,16 @@ def layer_kv_after(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer ``layer``'s K and V of every prompt position right after a one-token request."""
     released: list[list[int]] = []
-    release = llm.pool.release
-    monkeypatch.setattr(llm.pool, "release", lambda ids: (released.append(list(ids)), release(ids))[1])
+    release = llm.engine.pool.release
+    monkeypatch.setattr(llm.engine.pool, "release", lambda ids: (released.append(list(ids)), release(ids))[1])
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     req = llm.add_request(reordered_prompt(), params, reuse={"method": method, "register": False, **opts})
     while not req.finished:
         llm.step()
     monkeypatch.undo()
     n = req.metrics.num_prompt_tokens
-    slots = llm.kv.slots(released[-1], torch.arange(n))  # the request's blocks: freed, nothing ran since
-    return llm.kv.k[layer][slots].clone(), llm.kv.v[layer][slots].clone()
+    slots = llm.engine.kv.slots(released[-1], torch.arange(n))  # the request's blocks: freed, nothing ran since
+    return llm.engine.kv.k[layer][slots].clone(), llm.engine.kv.v[layer][slots].clone()
 
 
 def test_blend_restores_unselected_tokens_in_its_dense_layers(warm_llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -188,7 +188,7 @@ def test_blend_narrowing_keeps_the_budget_and_restores_dropped_candidates(
         assert 0 < int(changed.sum()) <= m_final["recomputed"], layer
     # Without the restore the dropped candidates keep their fresh KV: more tokens differ.
     # (layer_kv_after undoes every patch once its request has run, so the naive run below is normal.)
-    monkeypatch.setattr("sparsex.reuse.executor._restore", lambda *a: None)
+    monkeypatch.setattr("sparsex.runtime.executor._restore", lambda *a: None)
     k_kept, _ = layer_kv_after(warm_llm, monkeypatch, "blend", 2, **narrowed)
     k_naive, _ = layer_kv_after(warm_llm, monkeypatch, "naive", 2)
     assert int(((k_kept - k_naive).abs().amax(dim=(1, 2)) > 0).sum()) > m_final["recomputed"]
@@ -235,8 +235,8 @@ def test_shift_sources_selected_leaves_out_the_overflow_and_tail(warm_llm: LLM, 
 
 def test_narrowing_stages_are_validated_and_costed() -> None:
     """Stages sit at increasing layers after the selection; each larger set's extra layers count."""
-    from sparsex.model_runner import SeqInput
-    from sparsex.reuse.executor import NarrowStage, PlanRun, RecomputePlan, compute_fraction
+    from sparsex.runtime.executor import NarrowStage, PlanRun, RecomputePlan, compute_fraction
+    from sparsex.runtime.model_runner import SeqInput
 
     seq = SeqInput(list(range(100)), list(range(100)), [0], 100)
     keep = lambda inp: inp.positions  # noqa: E731

@@ -32,7 +32,7 @@ _ENCODED: dict[str, list[int]] = {}
 
 def toks(llm: LLM, n: int, skip: int = 0) -> list[int]:
     """``n`` token ids of real text, starting ``skip`` tokens in (distinct ``skip`` give distinct docs)."""
-    key = str(llm.model_path)
+    key = str(llm.engine.model_path)
     if key not in _ENCODED:
         _ENCODED[key] = llm.tokenizer.encode(TEXT)
     ids = _ENCODED[key]
@@ -59,7 +59,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def assert_no_leak(llm: LLM) -> None:
     assert not llm.has_unfinished()
-    assert llm.pool.num_free_blocks == llm.pool.num_blocks - llm.pool.num_pinned_blocks
+    assert llm.engine.pool.num_free_blocks == llm.engine.pool.num_blocks - llm.engine.pool.num_pinned_blocks
 
 
 # ----- step 7: the exact prefix ------------------------------------------------------------------
@@ -118,8 +118,8 @@ def test_segments_computed_after_reused_kv_are_published_unless_asked_not_to(lla
     assert out.metrics.num_segment_hit_tokens == 40
 
     def hit_tokens(doc: list[int]) -> int:
-        hit = llm.cache.segments.match(doc, "")
-        llm.pool.release(hit.block_ids)
+        hit = llm.engine.cache.segments.match(doc, "")
+        llm.engine.pool.release(hit.block_ids)
         return hit.num_tokens
 
     assert hit_tokens(before) == 33  # computed before any reused token: exact, published
@@ -155,7 +155,7 @@ def test_whole_prompt_cached(length: int, keep_ends: bool, llama: Any) -> None:
     the kept end of the prompt (nothing runs), or, with no end kept, runs again."""
     llm = make_llm(llama)
     if not keep_ends:
-        llm.prefiller.ends.capacity = 0
+        llm.engine.prefiller.ends.capacity = 0
     doc = toks(llm, length - 12, 50)
     prompt = [llm.tokenizer.encode("Context:")[:5], Segment(doc), toks(llm, length - 5 - len(doc), 400)]
     first = llm.generate([prompt], GREEDY, reuse="blend")[0]
@@ -193,7 +193,7 @@ def test_segment_cached_in_part(llama: Any) -> None:
     assert out.metrics.num_segment_hit_tokens == 45
     assert out.metrics.num_prefix_hit_tokens == 0
     # ... and the longer segment, computed around the hit, is not published (it holds reused KV).
-    assert llm.cache.segments.missing_blocks(doc + extra, "") == [2, 3, 4]
+    assert llm.engine.cache.segments.missing_blocks(doc + extra, "") == [2, 3, 4]
     assert_no_leak(llm)
 
 
@@ -205,7 +205,7 @@ def test_admitted_request_runs_when_its_hits_hold_the_free_blocks(llama: Any) ->
     llm = make_llm(llama, num_blocks=12)
     doc = list(range(100, 140))
     llm.generate([[Segment(doc), [5, 6, 7]]], SamplingParams(max_tokens=2), reuse="none")
-    assert llm.cache.segments.missing_blocks(doc, "") == []
+    assert llm.engine.cache.segments.missing_blocks(doc, "") == []
     prompt = [list(range(200, 200 + 12 * BS - 40 - 3 - 4)), Segment(doc), [5, 6, 7]]
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     out = llm.generate([prompt], params, reuse=no_reg("naive"))[0]
@@ -236,8 +236,13 @@ def run_with_eviction(llm: LLM) -> tuple[list[Any], list[Any]]:
     llm.step()
     llm.step()  # both prefilled: their segment hits come from the warm cache
     system = toks(llm, 40, 2000)
-    exact = [llm.add_request(system + toks(llm, 30, 700 + 50 * i), EIGHT, reuse="prefix") for i in range(2)]
     churn = [[f"N{i}", Segment(toks(llm, 60, 1200 + 70 * i)), "?"] for i in range(8)]
+    exact = [llm.add_request(system + toks(llm, 30, 700), EIGHT, reuse="prefix")]
+    while not exact[0].output_token_ids:  # prefilled (its system text published) among the churn
+        if churn:
+            llm.add_request(churn.pop(0), EIGHT, reuse="naive")
+        llm.step()
+    exact.append(llm.add_request(system + toks(llm, 30, 750), EIGHT, reuse="prefix"))
     while llm.has_unfinished() or churn:
         if churn:
             llm.add_request(churn.pop(0), EIGHT, reuse="naive")
@@ -252,7 +257,7 @@ def test_eviction_while_requests_run(llama: Any) -> None:
     assert exact[1].metrics.num_prefix_hit_tokens == 32  # the system text, published by exact[0]
     assert [r.metrics.num_segment_hit_tokens for r in naive] == [80, 80]
     # The churn evicted the warm documents (LRU) while the requests reading them kept running.
-    assert all(llm.cache.segments.missing_blocks(d, "") != [] for d in warm_docs(make_llm(llama)))
+    assert all(llm.engine.cache.segments.missing_blocks(d, "") != [] for d in warm_docs(make_llm(llama)))
     assert_no_leak(llm)
 
     # Each request's output is what it gets without any churn.
@@ -269,15 +274,15 @@ def test_steady_stream_of_new_documents(llama: Any) -> None:
     llm = make_llm(llama, num_blocks=16)
     warm = toks(llm, 30, 5000)
     (sid,) = llm.cache_segments([warm])
-    num_pinned = llm.pool.num_pinned_blocks
+    num_pinned = llm.engine.pool.num_pinned_blocks
     assert num_pinned == 2
     params = SamplingParams(max_tokens=1, temperature=0.0)
     for i in range(200):
         prompt = [f"Q{i}", Segment(warm), Segment(toks(llm, 20, 20 * i)), "?"]
         out = llm.generate([prompt], params, reuse="naive")[0]
         assert out.metrics.num_segment_hit_tokens == len(warm), i
-        assert llm.pool.num_pinned_blocks == num_pinned
-        assert llm.pool.num_cached_blocks <= llm.pool.num_blocks
+        assert llm.engine.pool.num_pinned_blocks == num_pinned
+        assert llm.engine.pool.num_cached_blocks <= llm.engine.pool.num_blocks
         assert_no_leak(llm)
     (listed,) = llm.list_segments()
     assert listed["id"] == sid and listed["num_hits"] == 200

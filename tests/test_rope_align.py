@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from sparsex import LLM, SamplingParams, Segment
+from sparsex.core.request import Request
 from sparsex.models.loader import load_model
 from sparsex.models.rope import (
     RopeTable,
@@ -24,7 +25,6 @@ from sparsex.models.rope import (
     rotate,
     to_pair_layout,
 )
-from sparsex.request import Request
 from tests.tiny_models import ARCHS
 
 
@@ -120,13 +120,13 @@ def doc_tokens(llm: LLM, n: int, topic: str = "assert") -> list[int]:
 
 
 def k_at(llm: LLM, layer: int, table: list[int], positions: list[int]) -> torch.Tensor:
-    slots = llm.kv.slots(table, torch.tensor(positions))
-    return llm.kv.k[layer][slots].clone()
+    slots = llm.engine.kv.slots(table, torch.tensor(positions))
+    return llm.engine.kv.k[layer][slots].clone()
 
 
 def v_at(llm: LLM, layer: int, table: list[int], positions: list[int]) -> torch.Tensor:
-    slots = llm.kv.slots(table, torch.tensor(positions))
-    return llm.kv.v[layer][slots].clone()
+    slots = llm.engine.kv.slots(table, torch.tensor(positions))
+    return llm.engine.kv.v[layer][slots].clone()
 
 
 def prefilled(llm: LLM, prompt: list, reuse: dict) -> Request:
@@ -156,7 +156,7 @@ def check_alignment(
     assert reused.metrics.num_segment_hit_tokens == doc_len
     assert reused.metrics.num_prefix_hit_tokens == 0
     # The segment's own cached blocks (computed at pos_a), as the index stores them.
-    hit = llm.cache.segments.match(doc, namespace)
+    hit = llm.engine.cache.segments.match(doc, namespace)
     try:
         assert hit.num_tokens == doc_len
         assert hit.positions[0] == pos_a[0]
@@ -164,7 +164,7 @@ def check_alignment(
                           v_at(llm, layer, hit.block_ids, list(range(doc_len))))
                   for layer in range(llm.spec.num_layers)}
     finally:
-        llm.pool.release(hit.block_ids)
+        llm.engine.pool.release(hit.block_ids)
     loaded = {layer: (k_at(llm, layer, reused.block_table, pos_b), v_at(llm, layer, reused.block_table, pos_b))
               for layer in range(llm.spec.num_layers)}
     llm.abort(reused)
@@ -183,7 +183,7 @@ def check_alignment(
         want = align_rope(cached[layer][0], p_a, p_b, llm.spec.rope[layer])
         assert rel_err(loaded[layer][0], want) <= align_tol, (layer, rel_err(loaded[layer][0], want))
         assert torch.equal(loaded[layer][1], cached[layer][1]), layer  # values copied unchanged
-    assert llm.pool.num_free_blocks == llm.pool.num_blocks
+    assert llm.engine.pool.num_free_blocks == llm.engine.pool.num_blocks
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -197,12 +197,12 @@ def test_engine_aligns_cached_segment_keys(arch: str, tiny_model_dir) -> None:
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_engine_aligns_keys_stored_in_bfloat16_in_several_chunks(arch: str, tiny_model_dir, monkeypatch) -> None:
     """Low-precision KV is rotated through a float32 temporary, chunk by chunk; values copied as is."""
-    from sparsex.reuse.store import SegmentStore
+    from sparsex.kv.segment_store import SegmentStore
 
     monkeypatch.setattr(SegmentStore, "_LOAD_CHUNK", {})  # every dtype falls back to the default...
-    monkeypatch.setattr("sparsex.reuse.store._DEFAULT_LOAD_CHUNK", 8)  # ...of 8 tokens: 5 chunks
+    monkeypatch.setattr("sparsex.kv.segment_store._DEFAULT_LOAD_CHUNK", 8)  # ...of 8 tokens: 5 chunks
     llm = LLM(model=str(tiny_model_dir(arch)), kv_cache_memory=4 << 20, kv_dtype="bfloat16")
-    assert llm.kv.k.dtype == torch.bfloat16
+    assert llm.engine.kv.k.dtype == torch.bfloat16
     # bf16 keeps 8 bits of mantissa: the aligned key is the float32 rotation rounded once.
     check_alignment(llm, len_a=3, len_b=45, doc_len=37, namespace="right", fresh_tol=2e-2, align_tol=8e-3)
 

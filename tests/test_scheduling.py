@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from sparsex import LLM, SamplingParams
-from sparsex.request import RequestStatus
-from sparsex.scheduler import Scheduler
+from sparsex.core.request import RequestStatus
+from sparsex.core.scheduler import Scheduler
 
 
 @pytest.fixture(scope="module")
@@ -76,17 +76,17 @@ def test_choices_share_one_prefill_and_match_separate_runs(model: str) -> None:
     ids = long_ids(llm, 100)
     params = [SamplingParams(max_tokens=5, temperature=0.8, seed=7 + j, ignore_eos=True) for j in range(3)]
     prefills: list[int] = []
-    real = llm.prefiller.start
-    llm.prefiller.start = lambda *a: (prefills.append(1), real(*a))[1]  # type: ignore[method-assign]
+    real = llm.engine.prefiller.start
+    llm.engine.prefiller.start = lambda *a: (prefills.append(1), real(*a))[1]  # type: ignore[method-assign]
     reqs = llm.add_choices(ids, params, reuse="none")
     shared = llm.run_to_completion(reqs)
     assert len(prefills) == 1
-    llm.prefiller.start = real  # type: ignore[method-assign]
+    llm.engine.prefiller.start = real  # type: ignore[method-assign]
     for p, out in zip(params, shared, strict=True):
         alone = llm.generate(ids, p, reuse="none")[0]
         assert out.token_ids == alone.token_ids
         assert out.metrics.num_prompt_tokens == 100
-    assert llm.pool.num_free_blocks == llm.pool.num_blocks
+    assert llm.engine.pool.num_free_blocks == llm.engine.pool.num_blocks
 
 
 def test_aborting_the_first_choice_before_its_prefill_aborts_the_others(model: str) -> None:
@@ -98,7 +98,7 @@ def test_aborting_the_first_choice_before_its_prefill_aborts_the_others(model: s
 
 
 def test_scheduler_alternates_prefill_chunks_with_decoding_and_prefers_the_shortest() -> None:
-    from sparsex.request import Request
+    from sparsex.core.request import Request
     from tests.fake_admitter import FakeAdmitter
 
     sched = Scheduler(FakeAdmitter(free=100))  # type: ignore[arg-type]
@@ -120,7 +120,7 @@ def test_scheduler_alternates_prefill_chunks_with_decoding_and_prefers_the_short
 def test_a_long_prompt_finishes_within_its_bound_under_another_tenants_flood(model: str) -> None:
     """Tenant b sends two fresh short prompts every step for as long as the test runs; tenant a's one
     long prompt still gets its first token within 2 * T * c steps of its admission (T = 2 tenants,
-    c = its chunks; it is its tenant's only request: ``sparsex/scheduler.py``). Shortest-first alone
+    c = its chunks; it is its tenant's only request: ``sparsex/core/scheduler.py``). Shortest-first alone
     ran only b's prompts while they kept coming."""
     llm = LLM(model=model, kv_cache_memory=32 << 20, max_prefill_tokens=32)
     rng = torch.Generator().manual_seed(0)
@@ -145,4 +145,4 @@ def test_a_long_prompt_finishes_within_its_bound_under_another_tenants_flood(mod
     assert long.finished and long.finish_reason == "length" and admitted_at is not None
     assert i - admitted_at + 1 <= 2 * 2 * -(-600 // 32)
     assert b_finished_meanwhile >= 10  # the flood was served too, and was still coming
-    assert llm.scheduler.num_unfinished > 0
+    assert llm.engine.scheduler.num_unfinished > 0

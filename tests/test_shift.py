@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsex.kv_cache import KVCache
+from sparsex.kv.paged import KVCache
 from sparsex.models.base import ModelSpec, SeqSlice
 from sparsex.models.rope import RopeTable
 from sparsex.reuse.shift import segment_means, segment_shift
@@ -87,39 +87,39 @@ def test_shift_adds_the_rotated_mean_correction_to_idle_tokens_only(
 
 
 def test_shift_weight_defaults_per_family_and_validates() -> None:
-    from sparsex.reuse.options import ReuseOptions, shift_weight
+    from sparsex.reuse.options import BlendOptions, shift_weight
 
-    assert shift_weight(ReuseOptions(), "llama") == 0.5
-    assert shift_weight(ReuseOptions(), "gemma3") == 0.3
-    assert shift_weight(ReuseOptions(shift=0.0), "llama") == 0.0  # off
-    assert shift_weight(ReuseOptions(shift=0.8), "gemma3") == 0.8
+    assert shift_weight(BlendOptions(), "llama") == 0.5
+    assert shift_weight(BlendOptions(), "gemma3") == 0.3
+    assert shift_weight(BlendOptions(shift=0.0), "llama") == 0.0  # off
+    assert shift_weight(BlendOptions(shift=0.8), "gemma3") == 0.8
     with pytest.raises(ValueError, match="shift"):
-        ReuseOptions(shift=1.5)
+        BlendOptions(shift=1.5)
     with pytest.raises(ValueError, match="shift_v"):
-        ReuseOptions(shift_v=-0.1)
+        BlendOptions(shift_v=-0.1)
     with pytest.raises(ValueError, match="shift_shrink"):
-        ReuseOptions(shift_shrink=-1)
+        BlendOptions(shift_shrink=-1)
     with pytest.raises(ValueError, match="shift_sources"):
-        ReuseOptions(shift_sources="overflow")
+        BlendOptions(shift_sources="overflow")
 
 
 def test_narrow_layer_defaults_per_family_and_validates() -> None:
-    from sparsex.reuse.options import ReuseOptions, narrow_layer
+    from sparsex.reuse.options import BlendOptions, narrow_layer
 
-    assert narrow_layer(ReuseOptions(), "llama") == 2  # chosen on the tune split (issue #16)
-    assert narrow_layer(ReuseOptions(), "gemma3") == 2  # chosen on the tune split too
-    assert narrow_layer(ReuseOptions(narrow_layer=0), "llama") == 0  # one stage
-    assert narrow_layer(ReuseOptions(narrow_layer=5), "gemma3") == 5
+    assert narrow_layer(BlendOptions(), "llama") == 2  # chosen on the tune split (issue #16)
+    assert narrow_layer(BlendOptions(), "gemma3") == 2  # chosen on the tune split too
+    assert narrow_layer(BlendOptions(narrow_layer=0), "llama") == 0  # one stage
+    assert narrow_layer(BlendOptions(narrow_layer=5), "gemma3") == 5
     with pytest.raises(ValueError, match="narrow_layer"):
-        ReuseOptions(narrow_layer=-1)
+        BlendOptions(narrow_layer=-1)
 
 
 def test_budget_defaults_per_family_and_validates() -> None:
-    from sparsex.reuse.options import ReuseOptions, budget_fraction
+    from sparsex.reuse.options import BlendOptions, budget_fraction
 
-    assert budget_fraction(ReuseOptions(), "llama") == 0.1  # chosen on the tune split (issue #16)
-    assert budget_fraction(ReuseOptions(), "gemma3") == 0.1  # chosen on the tune split too
-    assert budget_fraction(ReuseOptions(budget=0.3), "gemma3") == 0.3
-    assert budget_fraction(ReuseOptions(budget=0.0), "llama") == 0.0
+    assert budget_fraction(BlendOptions(), "llama") == 0.1  # chosen on the tune split (issue #16)
+    assert budget_fraction(BlendOptions(), "gemma3") == 0.1  # chosen on the tune split too
+    assert budget_fraction(BlendOptions(budget=0.3), "gemma3") == 0.3
+    assert budget_fraction(BlendOptions(budget=0.0), "llama") == 0.0
     with pytest.raises(ValueError, match="budget"):
-        ReuseOptions(budget=1.5)
+        BlendOptions(budget=1.5)

@@ -88,10 +88,10 @@ def build_tiny_model(folder: Path, arch: str, seed: int = 0) -> Path:
 def make_llm(folder: Path, num_blocks: int = 256, block_size: int = 16, **kwargs: Any) -> Any:
     """An engine on ``folder`` whose KV pool has exactly ``num_blocks`` blocks."""
     from sparsex import LLM
-    from sparsex.kv_cache import KVCache
+    from sparsex.kv.paged import KVCache
 
     probe = LLM(model=str(folder), kv_cache_memory=1 << 20)
     per_block = KVCache.bytes_per_block(probe.spec, block_size, torch.float32)
     llm = LLM(model=str(folder), kv_cache_memory=num_blocks * per_block, block_size=block_size, **kwargs)
-    assert llm.pool.num_blocks == num_blocks
+    assert llm.engine.pool.num_blocks == num_blocks
     return llm

@@ -93,8 +93,8 @@ class SparseX:
         from sparsex import LLM, SamplingParams
 
         self.llm = LLM()
-        if str(self.llm.model_path) != model_path:
-            raise RuntimeError(f"SparseX loaded {self.llm.model_path}, the plan names {model_path}")
+        if str(self.llm.engine.model_path) != model_path:
+            raise RuntimeError(f"SparseX loaded {self.llm.engine.model_path}, the plan names {model_path}")
         self.method = args.method or self.llm.reuse.method
         self.params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
         self.num_resets = 0

@@ -11,6 +11,7 @@ from sparsex.cache.block_pool import (
     NoFreeBlocksError,
     PressureHook,
     blocks_for_budget,
+    blocks_for_tokens,
 )
 from sparsex.cache.chunking import ChunkingConfig, chunk_tokens
 from sparsex.cache.hashing import (
@@ -45,6 +46,7 @@ __all__ = [
     "StoredBlocks",
     "TokenRun",
     "blocks_for_budget",
+    "blocks_for_tokens",
     "chunk_tokens",
     "default_hash_fn",
     "hash_block",

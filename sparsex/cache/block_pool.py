@@ -367,6 +367,11 @@ class BlockPool:
         return self._clock
 
 
+def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
+    """Blocks that hold ``num_tokens`` tokens (the last one possibly partial)."""
+    return -(-num_tokens // block_size)
+
+
 def blocks_for_budget(bytes_per_block: int, budget: int | float, available_bytes: int) -> int:
     """Number of KV blocks that fit a memory budget.
 

@@ -88,3 +88,25 @@ def hash_chain(
         parent = hash_block(parent, token_ids[start : start + block_size], salt, hash_fn)
         hashes.append(parent)
     return hashes
+
+
+def walk_chain(
+    token_ids: Sequence[int], block_size: int, salt: tuple[str, ...], hash_fn: HashFn,
+    lookup: Callable[[BlockHash, Sequence[int]], int | None], partial_last: bool,
+) -> list[int]:
+    """Block ids of the longest run of leading blocks of ``token_ids`` found by their chained hash.
+
+    ``lookup(hash, tokens)`` returns the block published under ``hash`` holding exactly ``tokens``
+    (verified token by token), or None, which ends the walk. ``partial_last``: a last block shorter
+    than ``block_size`` is looked up too (segments publish theirs; the prefix cache never does)."""
+    end = len(token_ids) if partial_last else len(token_ids) - block_size + 1
+    found: list[int] = []
+    parent: BlockHash | None = None
+    for start in range(0, max(0, end), block_size):
+        chunk = token_ids[start : start + block_size]
+        parent = hash_block(parent, chunk, salt, hash_fn)
+        block_id = lookup(parent, chunk)
+        if block_id is None:
+            break
+        found.append(block_id)
+    return found

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sparsex.cache.block_pool import BlockPool
-from sparsex.cache.hashing import BlockHash, HashFn, default_hash_fn, hash_block
+from sparsex.cache.hashing import BlockHash, HashFn, default_hash_fn, hash_block, walk_chain
 from sparsex.cache.listener import BlockListener, StoredBlocks
 
 PREFIX_DOMAIN = "prefix"
@@ -53,17 +53,8 @@ class PrefixCache:
         Takes a reference on each returned block; the caller releases them with the request.
         All matched blocks are returned, even one that covers the prompt's last token: the engine
         decides what to recompute."""
-        block_size = self._pool.block_size
-        salt = self._salt(namespace)
-        block_ids: list[int] = []
-        parent: BlockHash | None = None
-        for start in range(0, len(token_ids) - block_size + 1, block_size):
-            chunk = token_ids[start : start + block_size]
-            parent = hash_block(parent, chunk, salt, self._hash_fn)
-            block_id = self._pool.lookup(parent, chunk)
-            if block_id is None:
-                break
-            block_ids.append(block_id)
+        block_ids = walk_chain(token_ids, self._pool.block_size, self._salt(namespace), self._hash_fn,
+                               self._pool.lookup, partial_last=False)
         self._pool.incref(block_ids)
         return block_ids
 

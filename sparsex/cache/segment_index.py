@@ -27,7 +27,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from sparsex.cache.block_pool import BlockPool
-from sparsex.cache.hashing import BlockHash, HashFn, default_hash_fn, hash_block, hash_chain, serialize_block
+from sparsex.cache.hashing import (
+    BlockHash,
+    HashFn,
+    default_hash_fn,
+    hash_chain,
+    serialize_block,
+    walk_chain,
+)
 from sparsex.cache.listener import BlockListener, StoredBlocks
 from sparsex.cache.run_matcher import RunMatcher
 from sparsex.cache.token_runs import RunMatch
@@ -139,22 +146,15 @@ class SegmentIndex:
 
     def match(self, token_ids: Sequence[int], namespace: str) -> SegmentHit:
         """Longest run of the segment's leading blocks that is cached; increfs each hit block."""
-        block_size = self._pool.block_size
-        salt = self._salt(namespace)
-        hit = SegmentHit(block_ids=[], positions=[], num_tokens=0)
-        parent: BlockHash | None = None
-        for start in range(0, len(token_ids), block_size):
-            chunk = token_ids[start : start + block_size]
-            parent = hash_block(parent, chunk, salt, self._hash_fn)
-            block_id = self._pool.lookup(parent, chunk)
-            if block_id is None:
-                break
-            position = self._pool.info(block_id).position
-            if position is None:  # lookup only returns published blocks, which have a position
+        block_ids = walk_chain(token_ids, self._pool.block_size, self._salt(namespace), self._hash_fn,
+                               self._pool.lookup, partial_last=True)
+        hit = SegmentHit(block_ids=block_ids, positions=[], num_tokens=0)
+        for block_id in block_ids:
+            info = self._pool.info(block_id)
+            if info.position is None:  # lookup only returns published blocks, which have a position
                 raise RuntimeError(f"published block {block_id} has no position")
-            hit.block_ids.append(block_id)
-            hit.positions.append(position)
-            hit.num_tokens += len(chunk)
+            hit.positions.append(info.position)
+            hit.num_tokens += len(info.token_ids)
         self._pool.incref(hit.block_ids)
         self._credit_pinned(hit.block_ids)
         return hit

@@ -10,15 +10,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sparsex.kv_manager import auto_spans
+from sparsex.cache import blocks_for_tokens
+from sparsex.kv.admission import auto_spans
 from sparsex.lab.quality import kl_divergence, run_greedy, to_parts
 from sparsex.lab.workloads import WorkItem
-from sparsex.model_runner import SeqInput
 from sparsex.models.base import SeqSlice, StepContext
+from sparsex.runtime.model_runner import SeqInput
 from sparsex.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from sparsex.engine import LLM
+    from sparsex.llm import LLM
 
 
 def layer_kv_effect(
@@ -36,7 +37,7 @@ def layer_kv_effect(
         run_greedy(llm, to_parts(llm, warm), {"method": "none", "namespace": namespace}, 1)
     prompt = to_parts(llm, item.prompt)
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-    kv, out = llm.kv, {}
+    kv, out = llm.engine.kv, {}
     captured = []
     for method in ("none", "naive"):
         req = llm.add_request(prompt, params, reuse={"method": method, "register": False, "namespace": namespace})
@@ -54,7 +55,7 @@ def layer_kv_effect(
             if layers:
                 k[layers], v[layers] = k_true[layers], v_true[layers]
             kv.k[:, slots], kv.v[:, slots] = k, v
-            return torch.log_softmax(llm.runner.forward([last])[0].float(), dim=-1)
+            return torch.log_softmax(llm.engine.runner.forward([last])[0].float(), dim=-1)
 
         ref = last_logprobs(list(range(llm.spec.num_layers)))
         for name, layers in layer_sets.items():
@@ -78,7 +79,7 @@ def late_start_effect(
     ``all@m`` every reused token. Returns ``name -> (kl, cost)``, cost as the fraction of a full
     prefill's token-layers. Analysis only: it costs a full prefill per item.
     """
-    model, kv, num_layers, bs = llm.runner.model, llm.kv, llm.spec.num_layers, llm.pool.block_size
+    model, kv, num_layers, bs = llm.engine.runner.model, llm.engine.kv, llm.spec.num_layers, llm.engine.pool.block_size
     if any(not 0 <= m < num_layers for m in starts):
         raise ValueError(f"start layers must be in [0, {num_layers})")
     warm_states = [_layer_inputs(llm, to_parts(llm, warm), starts, namespace) for warm in item.warmup]
@@ -94,7 +95,7 @@ def late_start_effect(
     ids, explicit = llm.tokenizer.encode_prompt(prompt)
     n = len(ids)
     spans = list(explicit) + auto_spans(n, ids, list(explicit), namespace)
-    _, _, hits = llm.cache.lookup(ids, spans, namespace, prefix=False, segments=True)
+    _, _, hits = llm.engine.cache.lookup(ids, spans, namespace, prefix=False, segments=True)
     cached = {m: torch.zeros(n, llm.spec.hidden_size) for m in starts}  # each reused token's recorded input
     for h in hits:
         k = h.first_offset + torch.arange(h.num_tokens)  # entry slots of the run (any offset)
@@ -104,10 +105,10 @@ def late_start_effect(
         src = next(states for w_ids, states in warm_states if w_ids[o : o + len(toks)] == toks)
         for m in starts:
             cached[m][h.span.start : h.span.start + h.num_tokens] = src[m][orig]
-    table = llm.pool.allocate(-(-n // bs))
+    table = llm.engine.pool.allocate(blocks_for_tokens(n, bs))
     try:
         reused = torch.zeros(n, dtype=torch.bool)
-        reused[llm.store.load(hits, table)[0]] = True
+        reused[llm.engine.store.load(hits, table)[0]] = True
         dev = kv.k.device
         slots, read = kv.slots(table, torch.arange(n, device=dev)), kv.reader(table, n, dev)
         k_naive, v_naive = kv.k[:, slots].clone(), kv.v[:, slots].clone()
@@ -132,7 +133,7 @@ def late_start_effect(
                 out[f"blend_R@{m}"] = run(blend_r, m)
                 out[f"all@{m}"] = run(reused.nonzero().flatten(), m)
     finally:
-        llm.pool.release(table)
+        llm.engine.pool.release(table)
     return out
 
 
@@ -145,9 +146,9 @@ def _layer_inputs(
                           reuse={"method": "none", "namespace": namespace})
     llm.run_to_completion([req])
     ids, n = req.prompt_token_ids, len(req.prompt_token_ids)
-    table = llm.pool.allocate(-(-n // llm.pool.block_size))
+    table = llm.engine.pool.allocate(blocks_for_tokens(n, llm.engine.pool.block_size))
     try:
-        states = llm.runner.layer_inputs(SeqInput(ids, list(range(n)), table, n), layers)
+        states = llm.engine.runner.layer_inputs(SeqInput(ids, list(range(n)), table, n), layers)
     finally:
-        llm.pool.release(table)
+        llm.engine.pool.release(table)
     return ids, states

@@ -14,20 +14,22 @@ The measuring prefill is not counted in either's cost.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from sparsex.model_runner import SeqInput
-from sparsex.reuse.executor import RecomputePlan
-from sparsex.reuse.options import ReuseOptions
+from sparsex.reuse.options import BlendOptions, BudgetOptions
 from sparsex.reuse.planner import (
+    Method,
     PlanContext,
-    Planner,
     ReuseSituation,
     budget_tokens,
     recompute_extras,
     shift_hook,
 )
 from sparsex.reuse.selectors import top_k_reused, union
+from sparsex.runtime.executor import RecomputePlan
+from sparsex.runtime.model_runner import SeqInput
 
 
 def true_kv_error(ctx: PlanContext, seq: SeqInput, reused: torch.Tensor) -> torch.Tensor:
@@ -48,18 +50,18 @@ def true_kv_error(ctx: PlanContext, seq: SeqInput, reused: torch.Tensor) -> torc
     return out
 
 
-def _oracle_top_k(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> torch.Tensor:
+def _oracle_top_k(opts: BudgetOptions, sit: ReuseSituation, ctx: PlanContext) -> torch.Tensor:
     error = true_kv_error(ctx, sit.seq, sit.reused)
     return top_k_reused(error, sit.reused, budget_tokens(opts, sit, ctx))
 
 
-def plan_oracle(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
+def plan_oracle(opts: BudgetOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
     """Selection only: no dense layer, no overflow, no shift; ``I_nr`` plus the top ``budget`` of the
     reused tokens by their true KV error."""
     return RecomputePlan(sit.seq, 0, union(sit.i_nr, _oracle_top_k(opts, sit, ctx)))
 
 
-def plan_oracle_blend(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
+def plan_oracle_blend(opts: BlendOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
     """``blend``'s pipeline with the true-error top-k as the final set: layer 0 dense, then
     ``I_nr`` + top-k + overflow + tail for every later layer, with the segment shift from layer 1."""
     extras = recompute_extras(opts, sit, ctx)
@@ -67,5 +69,6 @@ def plan_oracle_blend(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext)
     return RecomputePlan(sit.seq, 1, chosen, adjust=shift_hook(opts, sit, ctx, extras), adjust_from=1)
 
 
-LAB_PLANNERS: dict[str, Planner] = {"oracle": plan_oracle, "oracle-blend": plan_oracle_blend}
+LAB_PLANNERS: dict[str, Method[Any]] = {
+    "oracle": Method(BudgetOptions, plan_oracle), "oracle-blend": Method(BlendOptions, plan_oracle_blend)}
 """The lab's analysis-only reuse methods, for ``LLM(planners=...)``."""

@@ -31,7 +31,7 @@ from sparsex.lab.workloads.scoring import answer_f1
 from sparsex.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from sparsex.engine import LLM, RequestOutput
+    from sparsex.llm import LLM, RequestOutput
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from sparsex.lab.quality import evaluate_item, parse_method
 from sparsex.lab.workloads import make_workload
 
 if TYPE_CHECKING:
-    from sparsex.engine import LLM
+    from sparsex.llm import LLM
 
 SCENARIOS = [
     ("rag", "RAG: cached documents in a new order behind a new question"),

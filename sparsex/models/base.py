@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from sparsex.models.rope import RopeTable
+from sparsex.models.rope import RopeTable, to_pair_layout
 
 
 @dataclass
@@ -85,7 +85,7 @@ class SeqSlice:
 
 
 class KVStorage(Protocol):
-    """The paged KV storage a model layer reads and writes (``sparsex.kv_cache.KVCache`` implements it).
+    """The paged KV storage a model layer reads and writes (``sparsex.kv.paged.KVCache`` implements it).
 
     Declared here, where the models need it, so that models never import the storage module.
     """
@@ -129,6 +129,22 @@ class StepContext:
         if key not in self.rotary_cache:
             self.rotary_cache[key] = table.rotary(self.positions)
         return self.rotary_cache[key]
+
+
+def split_qkv(qkv: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused projection's output [N, (Hq + 2 Hkv) D] as q [N, Hq, D], k and v [N, Hkv, D] (views)."""
+    n, d = qkv.shape[0], spec.head_dim
+    nq, nkv = spec.num_heads * d, spec.num_kv_heads * d
+    q = qkv[:, :nq].view(n, spec.num_heads, d)
+    k = qkv[:, nq : nq + nkv].view(n, spec.num_kv_heads, d)
+    v = qkv[:, nq + nkv :].view(n, spec.num_kv_heads, d)
+    return q, k, v
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """One fused Q/K/V projection weight (or bias) from transformers' three, Q and K rows put in
+    RoPE's pair layout (``rope.to_pair_layout``) at load time."""
+    return torch.cat([to_pair_layout(q, head_dim), to_pair_layout(k, head_dim), v], dim=0)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsex.models.attention import paged_attention
-from sparsex.models.base import ModelSpec, StepContext, rms_norm
+from sparsex.models.base import ModelSpec, StepContext, fuse_qkv, rms_norm, split_qkv
 from sparsex.models.rope import apply_rope, build_rope_table, to_pair_layout
 
 FAMILY_TYPES = ("gemma3_text", "gemma3")
@@ -90,12 +90,8 @@ class Gemma3Model(nn.Module):
         """Layer ``i``'s attention inputs for hidden states x: [N, H] -> q [N, Hq, D], k, v [N, Hkv, D]."""
         layer: Gemma3Layer = self.layers[i]  # type: ignore[assignment]
         spec, eps = self.spec, layer.eps
-        n, d = x.shape[0], spec.head_dim
         h = rms_norm(x, layer.input_layernorm, eps, offset=1.0)
-        qkv = layer.qkv_proj(h)
-        q = qkv[:, : layer.nq].view(n, spec.num_heads, d)  # [N, Hq, D]
-        k = qkv[:, layer.nq : layer.nq + layer.nkv].view(n, spec.num_kv_heads, d)  # [N, Hkv, D]
-        v = qkv[:, layer.nq + layer.nkv :].view(n, spec.num_kv_heads, d)
+        q, k, v = split_qkv(layer.qkv_proj(h), spec)  # q [N, Hq, D], k, v [N, Hkv, D]
         q = rms_norm(q, layer.q_norm, eps, offset=1.0)
         k = rms_norm(k, layer.k_norm, eps, offset=1.0)
         rot = step.rotary(spec.rope[i])
@@ -130,9 +126,7 @@ class Gemma3Model(nn.Module):
             for suffix in ("weight", "bias"):
                 if f"{a}q_proj.{suffix}" in sd:  # Q and K rows in RoPE's pair layout (rope.py)
                     q, k, v = (sd[f"{a}{n}_proj.{suffix}"] for n in "qkv")
-                    out[f"layers.{i}.qkv_proj.{suffix}"] = torch.cat(
-                        [to_pair_layout(q, d), to_pair_layout(k, d), v], dim=0
-                    )
+                    out[f"layers.{i}.qkv_proj.{suffix}"] = fuse_qkv(q, k, v, d)
                 if f"{a}o_proj.{suffix}" in sd:
                     out[f"layers.{i}.o_proj.{suffix}"] = sd[f"{a}o_proj.{suffix}"]
             out[f"layers.{i}.gate_up_proj.weight"] = torch.cat(

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsex.models.attention import paged_attention
-from sparsex.models.base import ModelSpec, StepContext, rms_norm
+from sparsex.models.base import ModelSpec, StepContext, fuse_qkv, rms_norm, split_qkv
 from sparsex.models.rope import apply_rope, build_rope_table, to_pair_layout
 
 FAMILY_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -91,12 +91,8 @@ class LlamaModel(nn.Module):
         """Layer ``i``'s attention inputs for hidden states x: [N, H] -> q [N, Hq, D], k, v [N, Hkv, D]."""
         layer: LlamaLayer = self.layers[i]  # type: ignore[assignment]
         spec = self.spec
-        n, d = x.shape[0], spec.head_dim
         h = rms_norm(x, layer.input_layernorm, layer.eps)
-        qkv = layer.qkv_proj(h)  # [N, (Hq + 2 Hkv) D]
-        q = qkv[:, : layer.nq].view(n, spec.num_heads, d)  # [N, Hq, D]
-        k = qkv[:, layer.nq : layer.nq + layer.nkv].view(n, spec.num_kv_heads, d)  # [N, Hkv, D]
-        v = qkv[:, layer.nq + layer.nkv :].view(n, spec.num_kv_heads, d)
+        q, k, v = split_qkv(layer.qkv_proj(h), spec)  # q [N, Hq, D], k, v [N, Hkv, D]
         if layer.qk_norm:
             q = rms_norm(q, layer.q_norm, layer.eps)
             k = rms_norm(k, layer.k_norm, layer.eps)
@@ -136,9 +132,7 @@ class LlamaModel(nn.Module):
             for suffix in ("weight", "bias"):
                 q, k, v = (sd.get(f"{a}{n}_proj.{suffix}") for n in "qkv")
                 if q is not None and k is not None and v is not None:
-                    out[f"layers.{i}.qkv_proj.{suffix}"] = torch.cat(
-                        [to_pair_layout(q, d), to_pair_layout(k, d), v], dim=0
-                    )
+                    out[f"layers.{i}.qkv_proj.{suffix}"] = fuse_qkv(q, k, v, d)
                 if f"{a}o_proj.{suffix}" in sd:
                     out[f"layers.{i}.o_proj.{suffix}"] = sd[f"{a}o_proj.{suffix}"]
                 g, u = sd.get(f"{p}mlp.gate_proj.{suffix}"), sd.get(f"{p}mlp.up_proj.{suffix}")

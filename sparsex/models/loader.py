@@ -206,8 +206,3 @@ def load_model(folder: Path, device: torch.device) -> tuple[nn.Module, Any]:
     _log(f"loaded {name} ({cfg.model_type}, {cfg.num_hidden_layers} layers) in "
          f"{time.perf_counter() - t0:.1f}s")
     return model, cfg
-
-
-def read_generation_config(folder: Path) -> dict[str, Any]:
-    p = folder / "generation_config.json"
-    return json.loads(p.read_text()) if p.exists() else {}

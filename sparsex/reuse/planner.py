@@ -1,7 +1,7 @@
 """Turn a request's reuse situation and a method into a ``RecomputePlan`` (immutable data).
 
 One small function per method; the scores they rank by are pure functions in
-``sparsex.reuse.selectors``. The plan is run by ``sparsex.reuse.executor.run_plan``.
+``sparsex.reuse.selectors``. The plan is run by ``sparsex.runtime.executor.run_plan``.
 """
 
 from __future__ import annotations
@@ -9,14 +9,27 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any, Generic, TypeVar
 
 import torch
 
-from sparsex.kv_cache import KVCache
-from sparsex.model_runner import ModelRunner, SeqInput
+from sparsex.kv.paged import KVCache
 from sparsex.models.base import ModelSpec
-from sparsex.reuse.executor import KVAdjust, NarrowStage, RecomputePlan, SelectionInputs, Selector
-from sparsex.reuse.options import ReuseOptions, boundary_layer, budget_fraction, narrow_layer, shift_weight
+from sparsex.reuse.options import (
+    BlendOptions,
+    BudgetOptions,
+    CacheBlendOptions,
+    CheckOptions,
+    EpicOptions,
+    MethodOptions,
+    RepairOptions,
+    ReuseOptions,
+    SparsexOptions,
+    boundary_layer,
+    budget_fraction,
+    narrow_layer,
+    shift_weight,
+)
 from sparsex.reuse.selectors import (
     deviation_scores,
     epic_positions,
@@ -30,6 +43,8 @@ from sparsex.reuse.selectors import (
     union,
 )
 from sparsex.reuse.shift import segment_shift
+from sparsex.runtime.executor import KVAdjust, NarrowStage, RecomputePlan, SelectionInputs, Selector
+from sparsex.runtime.model_runner import ModelRunner, SeqInput
 
 
 @dataclass(frozen=True)
@@ -84,35 +99,47 @@ class PlanContext:
     runner: ModelRunner
 
 
-Planner = Callable[[ReuseOptions, ReuseSituation, PlanContext], RecomputePlan]
+P = TypeVar("P", bound=MethodOptions)
+
+
+@dataclass(frozen=True)
+class Method(Generic[P]):
+    """A reuse method: its option type and its planner, a pure function of those options, the
+    request's situation and the model's context."""
+
+    options: type[P]
+    plan: Callable[[P, ReuseSituation, PlanContext], RecomputePlan]
 
 
 def plan_prefill(
-    opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext, planners: Mapping[str, Planner] | None = None
+    opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext, methods: Mapping[str, Method[Any]] | None = None
 ) -> RecomputePlan:
-    """The plan of ``opts.method`` from ``planners`` (default: the built-in ``PLANNERS``).
+    """The plan of ``opts.method`` from ``methods`` (default: the built-in ``PLANNERS``).
 
     ``none``, ``prefix`` and any request that reused nothing recompute everything after the prefix.
     """
     if opts.method in ("none", "prefix") or sit.num_reused == 0:
         return RecomputePlan(sit.seq, ctx.spec.num_layers, torch.arange(sit.prefix_len, sit.length))
-    return (PLANNERS if planners is None else planners)[opts.method](opts, sit, ctx)
+    method = (PLANNERS if methods is None else methods)[opts.method]
+    if not isinstance(opts.params, method.options):
+        raise TypeError(f"{opts.method} takes {method.options.__name__}, got {type(opts.params).__name__}")
+    return method.plan(opts.params, sit, ctx)
 
 
-def budget_tokens(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> int:
+def budget_tokens(opts: BudgetOptions, sit: ReuseSituation, ctx: PlanContext) -> int:
     """The top-k size: the family's (or the request's) budget times the reused tokens."""
     return int(round(budget_fraction(opts, ctx.spec.family) * sit.num_reused))
 
 
-def plan_naive(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
+def plan_naive(opts: MethodOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
     return RecomputePlan(sit.seq, dense_layers=0, recompute=sit.i_nr)
 
 
-def plan_epic(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
+def plan_epic(opts: EpicOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
     return RecomputePlan(sit.seq, 0, union(sit.i_nr, epic_positions(sit.segment_runs, opts.epic_tokens)))
 
 
-def plan_cacheblend_simple(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
+def plan_cacheblend_simple(opts: CheckOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
     """Simplified CacheBlend: dense through the check layer, then the top reused tokens by K
     deviation there, in one step (no gradual filtering)."""
     check, k = min(opts.check_layer, ctx.spec.num_layers - 1), budget_tokens(opts, sit, ctx)
@@ -123,7 +150,7 @@ def plan_cacheblend_simple(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanCon
     return RecomputePlan(sit.seq, check + 1, sit.i_nr, select, check)
 
 
-def plan_cacheblend(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
+def plan_cacheblend(opts: CacheBlendOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
     """CacheBlend as published: gradual filtering. Dense through the check layer, where the top
     ``filter_start`` x budget reused tokens by K deviation are kept; each of the next
     ``filter_layers`` layers runs for the kept set and keeps the top of *that* set by its own K
@@ -149,10 +176,10 @@ def plan_cacheblend(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -
     return RecomputePlan(sit.seq, check + 1, sit.i_nr, top(sizes[0], sit.reused), check, stages=stages)
 
 
-def recompute_extras(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> torch.Tensor:
+def recompute_extras(opts: RepairOptions, sit: ReuseSituation, ctx: PlanContext) -> torch.Tensor:
     """Overflow blocks next to every non-reused run, the tail fallback, and the cached attention
-    sinks when asked (sparsex, blend)."""
-    before = opts.method == "sparsex" if opts.overflow_before is None else opts.overflow_before
+    sinks when asked (sparsex, blend). Overflow before new text too: sparsex's default."""
+    before = isinstance(opts, SparsexOptions) if opts.overflow_before is None else opts.overflow_before
     width = opts.overflow_blocks * ctx.kv.block_size
     return union(
         overflow_positions(sit.reused, width, sit.prefix_len, before=before),
@@ -167,7 +194,7 @@ def _query_mass(sit: ReuseSituation, ctx: PlanContext, inp: SelectionInputs) -> 
                       window=spec.windows[inp.layer])
 
 
-def plan_sparsex(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
+def plan_sparsex(opts: SparsexOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
     """The paper's method: Sparse-Q at ℓ* (hybrid: layers 0..ℓ* dense) or at layer 0."""
     extras, k = recompute_extras(opts, sit, ctx), budget_tokens(opts, sit, ctx)
 
@@ -180,7 +207,7 @@ def plan_sparsex(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> R
     return RecomputePlan(sit.seq, 0, sit.i_nr, select, 0)
 
 
-def shift_hook(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext, extras: torch.Tensor) -> KVAdjust | None:
+def shift_hook(opts: BlendOptions, sit: ReuseSituation, ctx: PlanContext, extras: torch.Tensor) -> KVAdjust | None:
     """The segment shift with the family's (or the request's) weights and shrinkage; None when off.
     ``extras``: the plan's :func:`recompute_extras` (left out of the means with ``shift_sources="selected"``)."""
     weight = shift_weight(opts, ctx.spec.family)
@@ -191,7 +218,7 @@ def shift_hook(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext, extras
                          opts.shift_v, opts.shift_shrink, not_sources)
 
 
-def plan_blend(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
+def plan_blend(opts: BlendOptions, sit: ReuseSituation, ctx: PlanContext) -> RecomputePlan:
     """Ours: layer 0 dense, a probe of the check layer picks candidates by K+V deviation; they run to
     ``narrow_layer``, where K+V deviation plus Sparse-Q keeps the budget; then the segment shift."""
     layers, n = ctx.spec.num_layers, sit.length
@@ -224,12 +251,14 @@ def plan_blend(opts: ReuseOptions, sit: ReuseSituation, ctx: PlanContext) -> Rec
     )
 
 
-PLANNERS: dict[str, Planner] = {
-    "naive": plan_naive,
-    "epic": plan_epic,
-    "cacheblend": plan_cacheblend,
-    "cacheblend-simple": plan_cacheblend_simple,
-    "sparsex": plan_sparsex,
-    "blend": plan_blend,
+PLANNERS: dict[str, Method[Any]] = {
+    "none": Method(MethodOptions, plan_naive),  # never called: plan_prefill recomputes everything
+    "prefix": Method(MethodOptions, plan_naive),  # likewise, after the exact prefix
+    "naive": Method(MethodOptions, plan_naive),
+    "epic": Method(EpicOptions, plan_epic),
+    "cacheblend": Method(CacheBlendOptions, plan_cacheblend),
+    "cacheblend-simple": Method(CheckOptions, plan_cacheblend_simple),
+    "sparsex": Method(SparsexOptions, plan_sparsex),
+    "blend": Method(BlendOptions, plan_blend),
 }
-"""Built-in reuse methods (``none`` and ``prefix`` recompute everything after the exact prefix)."""
+"""The built-in reuse methods: each one's option type (as ``METHOD_OPTIONS`` lists) and planner."""

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from sparsex.kv_cache import KVCache
+from sparsex.kv.paged import KVCache
 from sparsex.models.base import ModelSpec, SeqSlice
 from sparsex.models.rope import RopeTable, as_pairs
 

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from sparsex.reuse.options import METHODS
 from sparsex.server.config import ServerConfig
 from sparsex.server.engine_api import context_limit
 from sparsex.server.engine_loop import EngineLoop
@@ -28,7 +29,7 @@ from sparsex.server.lifecycle import Lifecycle, ServerMiddleware
 from sparsex.server.limits import is_ascii_number, read_json
 from sparsex.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from sparsex.server.placement import TenantEvents, cache_entries, cache_events
-from sparsex.server.protocol import RETRY_HEADERS, APIError, bad_request, reuse_methods, validation_error
+from sparsex.server.protocol import RETRY_HEADERS, APIError, bad_request, validation_error
 from sparsex.server.segments import SegmentService
 from sparsex.server.serving import OpenAIServing
 
@@ -49,7 +50,7 @@ def create_app(llm: ServedLLM, config: ServerConfig | None = None, **options: An
     events = TenantEvents(keyed=cfg.tenants.enabled)
     engine = EngineLoop(llm, max_queue=cfg.max_queue, max_queue_per_tenant=cfg.max_queue_per_tenant,
                         after_step=events.pull)
-    metrics = ServerMetrics(reuse_methods(), hide_cache_usage=cfg.hide_cache_usage)
+    metrics = ServerMetrics(METHODS, hide_cache_usage=cfg.hide_cache_usage)
     lifecycle = Lifecycle(engine, cfg.shutdown_grace_s)
     model_name = cfg.served_model_name or llm.model_name
     serving = OpenAIServing(llm, engine, metrics, model_name, cfg)

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sparsex.request import DEFAULT_TENANT as DEFAULT_ENGINE_TENANT
+from sparsex.core.request import DEFAULT_TENANT as DEFAULT_ENGINE_TENANT
 from sparsex.server.protocol import APIError
 
 TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]+")

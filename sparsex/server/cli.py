@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import re
 
+from sparsex.reuse.options import METHODS
 from sparsex.server.auth import Tenants
 from sparsex.server.config import ServerConfig
-from sparsex.server.protocol import reuse_methods
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -33,7 +33,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", default=None, help="branch, tag or commit of a Hub model (default: main)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
-    parser.add_argument("--reuse", choices=reuse_methods(), default=None,
+    parser.add_argument("--reuse", choices=METHODS, default=None,
                         help="reuse method for requests that do not choose one (default: the engine's)")
     parser.add_argument("--kv-cache-memory", type=parse_memory, default=None,
                         help="KV pool: bytes (512M, 2G) or a fraction of free memory (0.15)")
@@ -123,7 +123,7 @@ def serve_main(args: argparse.Namespace) -> None:
 
     import uvicorn
 
-    from sparsex.engine import LLM
+    from sparsex.llm import LLM
     from sparsex.server.app import create_app
     from sparsex.server.lifecycle import DrainingServer
 

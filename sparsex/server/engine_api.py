@@ -8,10 +8,10 @@ run time: a method the server calls is listed here with its signature. mypy chec
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from sparsex.request import DEFAULT_TENANT, Request
+from sparsex.core.request import DEFAULT_TENANT, Request
 from sparsex.reuse.options import ReuseOptions
 from sparsex.sampling_params import SamplingParams
 from sparsex.tokenizer import Tokenizer
@@ -52,8 +52,12 @@ class ServedLLM(Protocol):
     """
 
     model_name: str
-    tokenizer: Tokenizer
-    reuse: ReuseOptions
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    @property
+    def reuse(self) -> ReuseOptions: ...
 
     @property
     def spec(self) -> ModelLimits: ...
@@ -67,7 +71,7 @@ class ServedLLM(Protocol):
         params: SamplingParams,
         spans: Sequence[Any] = (),
         request_id: str | None = None,
-        reuse: str | ReuseOptions | dict[str, Any] | None = None,
+        reuse: str | ReuseOptions | Mapping[str, Any] | None = None,
     ) -> Request: ...
 
     def add_choices(
@@ -76,7 +80,7 @@ class ServedLLM(Protocol):
         params: Sequence[SamplingParams],
         spans: Sequence[Any] = (),
         request_ids: Sequence[str] | None = None,
-        reuse: str | ReuseOptions | dict[str, Any] | None = None,
+        reuse: str | ReuseOptions | Mapping[str, Any] | None = None,
         tenant: str = DEFAULT_TENANT,
     ) -> list[Request]:
         """``len(params)`` choices of one prompt sharing one prefill, scheduled for ``tenant``."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from sparsex.request import Request, RequestMetrics
+    from sparsex.core.request import Request, RequestMetrics
     from sparsex.server.engine_api import ServedLLM
 
 log = logging.getLogger("sparsex.server")

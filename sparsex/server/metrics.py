@@ -21,7 +21,7 @@ from sparsex.kvstore.metrics import store_exposition
 from sparsex.segments import SegmentSource
 
 if TYPE_CHECKING:
-    from sparsex.request import RequestMetrics
+    from sparsex.core.request import RequestMetrics
     from sparsex.server.engine_api import ServedLLM
     from sparsex.server.engine_loop import EngineLoop
 

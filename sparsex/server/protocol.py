@@ -21,19 +21,6 @@ STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_NAMESPACE_CHARS = 256
 
-# The reuse methods of SPEC.md, used when the engine does not list its own (sparsex.reuse.options).
-REUSE_METHODS = ("none", "prefix", "naive", "epic", "cacheblend", "sparsex")
-
-
-def reuse_methods() -> tuple[str, ...]:
-    """The reuse methods the engine offers."""
-    try:
-        from sparsex.reuse.options import SERVING_METHODS
-    except ImportError:
-        return REUSE_METHODS
-    return tuple(SERVING_METHODS)
-
-
 RETRY_AFTER_S = 1
 """``Retry-After`` of every 429 (queue full) and 503 (shutting down, aborted): the queue moves in
 engine steps, and a draining replica is replaced behind its balancer within seconds."""
@@ -80,7 +67,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 class SparsexOptions(BaseModel):
     """The ``"sparsex"`` extension object (``extra_body={"sparsex": {...}}`` in the openai client).
 
-    reuse: KV reuse method for this request (one of ``REUSE_METHODS``).
+    reuse: KV reuse method for this request (one of ``sparsex.reuse.options.METHODS``).
     namespace: tenant namespace salting every cache hash (overrides ``cache_salt``).
     budget: recompute budget, a fraction of the reused tokens in [0, 1].
     """

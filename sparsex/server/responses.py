@@ -20,7 +20,7 @@ from sparsex.detokenize import TextCursor
 from sparsex.server.protocol import APIError
 
 if TYPE_CHECKING:
-    from sparsex.request import RequestMetrics
+    from sparsex.core.request import RequestMetrics
     from sparsex.server.engine_loop import TokenEvent
 
 

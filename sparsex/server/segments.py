@@ -18,7 +18,7 @@ from sparsex.server.responses import failure
 from sparsex.server.serving import submit
 
 if TYPE_CHECKING:
-    from sparsex.request import Request
+    from sparsex.core.request import Request
     from sparsex.server.engine_api import ServedLLM
 
 

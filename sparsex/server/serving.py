@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from sparsex.engine import PromptTooLongError
+from sparsex.core.engine import PromptTooLongError
+from sparsex.reuse.options import METHODS
 from sparsex.sampling_params import SamplingParams
 from sparsex.server import responses as fmt
 from sparsex.server.auth import engine_tenant, namespace_for
@@ -33,12 +34,11 @@ from sparsex.server.protocol import (
     _SamplingFields,
     bad_request,
     parse_body,
-    reuse_methods,
 )
 from sparsex.server.responses import ChoiceState
 
 if TYPE_CHECKING:
-    from sparsex.request import Request as EngineRequest
+    from sparsex.core.request import Request as EngineRequest
     from sparsex.segments import SegmentSpan
     from sparsex.server.engine_api import ServedLLM
 
@@ -56,7 +56,7 @@ class OpenAIServing:
         self.metrics = metrics
         self.model_name = model_name
         self.config = config
-        self.reuse_methods = reuse_methods()
+        self.reuse_methods = METHODS
 
     # ----- endpoints ---------------------------------------------------------------------------
 

@@ -85,7 +85,7 @@ def test_store_publishes_prefix_and_segment_blocks_in_vllm_format(llama: Path, e
     assert segment.token_ids == d
     assert not set(segment.block_hashes) & set(prefix.block_hashes)
     assert sub.view.gpu() == set(prefix.block_hashes) | set(segment.block_hashes)
-    assert len(sub.view.gpu()) == llm.pool.num_cached_blocks
+    assert len(sub.view.gpu()) == llm.engine.pool.num_cached_blocks
 
     # the same prompt again: nothing new is cached, nothing is announced
     before = len(sub.events())
@@ -116,14 +116,14 @@ def test_evictions_and_clear_keep_the_router_view_equal_to_the_pool(llama: Path,
         llm.generate([[Segment(doc(3, 60 * k)), QUESTION]], ONE, reuse=PLAIN)
         published(llm, sub)
         stored_ever |= {h for e in sub.events() if isinstance(e, BlockStored) for h in e.block_hashes}  # type: ignore[misc]
-        assert len(sub.view.gpu()) == llm.pool.num_cached_blocks  # view.apply checks every removal was stored
+        assert len(sub.view.gpu()) == llm.engine.pool.num_cached_blocks  # view.apply checks every removal was stored
     removed = [e for e in sub.events() if isinstance(e, BlockRemoved)]
     assert removed and all(e.medium == "GPU" for e in removed)
     assert {h for e in removed for h in e.block_hashes} <= stored_ever
 
-    assert llm.pool.clear_cached() > 0
+    assert llm.engine.pool.clear_cached() > 0
     published(llm, sub)
-    assert sub.view.gpu() == set() and llm.pool.num_cached_blocks == 0
+    assert sub.view.gpu() == set() and llm.engine.pool.num_cached_blocks == 0
 
     llm.close()  # the last batch says everything is gone
     sub.until_closed()

@@ -31,27 +31,27 @@ def prompt_of(parts: list[Any]) -> list[Any]:
 
 def dump(llm: LLM, tokens: list[int], namespace: str, out: str) -> dict[str, Any]:
     """Save K/V [L, T, H, D] of a cached segment as the pool holds it (references given back)."""
-    hit = llm.cache.segments.match(tokens, namespace)
+    hit = llm.engine.cache.segments.match(tokens, namespace)
     try:
         if hit.num_tokens < len(tokens):
             return {"num_tokens": 0}
-        bs = llm.pool.block_size
+        bs = llm.engine.pool.block_size
         j = torch.arange(len(tokens))
         slots = torch.tensor(hit.block_ids)[j // bs] * bs + j % bs
-        torch.save({"k": llm.kv.k[:, slots].cpu(), "v": llm.kv.v[:, slots].cpu(),
+        torch.save({"k": llm.engine.kv.k[:, slots].cpu(), "v": llm.engine.kv.v[:, slots].cpu(),
                     "positions": hit.positions}, out)
         return {"num_tokens": hit.num_tokens}
     finally:
-        llm.pool.release(hit.block_ids)
+        llm.engine.pool.release(hit.block_ids)
 
 
 def run_step(llm: LLM, step: dict[str, Any]) -> dict[str, Any]:
     op = step["op"]
     if op == "generate":
         params = SamplingParams(max_tokens=step.get("max_tokens", 8), temperature=0.0, ignore_eos=True)
-        before = llm.tiers.stats.num_promoted if llm.tiers is not None else 0
+        before = llm.engine.tiers.stats.num_promoted if llm.engine.tiers is not None else 0
         out = llm.generate([prompt_of(step["prompt"])], params, reuse=step.get("reuse"))[0]
-        after = llm.tiers.stats.num_promoted if llm.tiers is not None else 0
+        after = llm.engine.tiers.stats.num_promoted if llm.engine.tiers is not None else 0
         return {"token_ids": out.token_ids, "num_segment_hit_tokens": out.metrics.num_segment_hit_tokens,
                 "num_recomputed_tokens": out.metrics.num_recomputed_tokens, "num_promoted": after - before}
     if op == "dump":

@@ -165,8 +165,8 @@ def test_entry_key_layout() -> None:
 def test_package_imports_no_engine_layers() -> None:
     code = (
         "import sys, sparsex.kvstore\n"
-        "bad = [m for m in sys.modules if m.startswith(('sparsex.engine', 'sparsex.reuse', "
-        "'sparsex.server', 'sparsex.model_runner'))]\n"
+        "bad = [m for m in sys.modules if m.startswith(('sparsex.core.engine', 'sparsex.reuse', "
+        "'sparsex.server', 'sparsex.runtime.model_runner'))]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -16,9 +16,9 @@ import redis
 import torch
 
 from sparsex import LLM, SamplingParams, Segment
+from sparsex.kv.tier_keys import entry_hash
+from sparsex.kv.tiers import TierCache
 from sparsex.kvstore import BackgroundWriter, TieredStore
-from sparsex.reuse.tier_keys import entry_hash
-from sparsex.reuse.tiers import TierCache
 from tests.kvstore.conftest import RedisServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -110,8 +110,8 @@ def test_namespaces_stay_isolated_in_redis(model: Path, redis_server: RedisServe
         a.generate([[Segment(doc, "t1"), "Tell me."]], GREEDY, reuse={"method": "naive", "namespace": "t1"})
     with engine(model, kv_store=redis_server.url) as b:
         other = b.generate([[Segment(doc, "t2"), "Tell me."]], GREEDY, reuse={"method": "naive", "namespace": "t2"})
-        assert other[0].metrics.num_segment_hit_tokens == 0 and b.tiers is not None
-        assert b.tiers.stats.num_promoted == 0
+        assert other[0].metrics.num_segment_hit_tokens == 0 and b.engine.tiers is not None
+        assert b.engine.tiers.stats.num_promoted == 0
         own = b.generate([[Segment(doc, "t1"), "Tell me."]], GREEDY, reuse={"method": "naive", "namespace": "t1"})
         assert own[0].metrics.num_segment_hit_tokens == len(doc)
 
@@ -139,7 +139,7 @@ def test_two_tenants_holding_one_document_share_no_store_name(model: Path, redis
             out = b.generate([["Q:", Segment(doc, ns + "kb"), "?"]], GREEDY,
                              reuse={"method": "naive", "namespace": ns + "kb"})[0]
             assert out.metrics.num_segment_hit_tokens == len(doc)
-        assert b.tiers is not None and b.tiers.stats.num_promoted == 2  # the two restored pins
+        assert b.engine.tiers is not None and b.engine.tiers.stats.num_promoted == 2  # the two restored pins
 
 
 def test_a_corrupt_value_is_rejected_and_recomputed(model: Path, redis_server: RedisServer) -> None:
@@ -147,8 +147,8 @@ def test_a_corrupt_value_is_rejected_and_recomputed(model: Path, redis_server: R
     prompt = [[Segment(doc), "Tell me."]]
     with engine(model, kv_store=redis_server.url) as a:
         a.generate(prompt, GREEDY, reuse="naive")
-        assert a.tiers is not None
-        key = a.tiers.entries()[0]["key"]
+        assert a.engine.tiers is not None
+        key = a.engine.tiers.entries()[0]["key"]
     client = redis.Redis.from_url(redis_server.url)
     value = bytearray(client.get(key))
     value[len(value) // 2] ^= 0xFF  # one flipped byte in the K/V
@@ -156,7 +156,7 @@ def test_a_corrupt_value_is_rejected_and_recomputed(model: Path, redis_server: R
     with engine(model, kv_store=redis_server.url) as b:
         want = b.generate(prompt, GREEDY, reuse=FULL)[0].token_ids
         got = b.generate(prompt, GREEDY, reuse="naive")[0]
-        assert b.tiers is not None and b.tiers.stats.num_promoted == 0
+        assert b.engine.tiers is not None and b.engine.tiers.stats.num_promoted == 0
         assert got.metrics.num_segment_hit_tokens == 0 and got.token_ids == want
     assert client.get(key) not in (None, bytes(value))  # the bad copy was replaced by B's recompute
     client.close()
@@ -226,11 +226,11 @@ class BlockedTier:
 def test_the_write_queue_never_blocks_a_request(model: Path, tmp_path: Path) -> None:
     many = docs(model, *([40] * 6))
     with engine(model, kv_disk=str(tmp_path / "disk")) as llm:
-        assert llm.tiers is not None
+        assert llm.engine.tiers is not None
         tier = BlockedTier()
         store = TieredStore([tier])
         writer = BackgroundWriter(store, max_pending=2)
-        llm.tiers = TierCache(llm.store, llm.tiers.fingerprint, store, llm.tiers.options, writer)
+        llm.engine.tiers = TierCache(llm.engine.store, llm.engine.tiers.fingerprint, store, llm.engine.tiers.options, writer)
         outs = [llm.generate([[Segment(d), "Go."]], GREEDY, reuse="naive")[0] for d in many]
         assert all(o.finish_reason == "length" for o in outs)  # all served while every write waits
         assert writer.num_dropped >= len(many) - 3  # one in the thread, two queued, the rest dropped
@@ -247,7 +247,7 @@ def test_entries_list_what_the_pool_holds(model: Path, tmp_path: Path) -> None:
         (entry,) = llm.cache_entries("t")
         assert entry["key"].endswith(entry_hash(doc, "t")) and entry["num_tokens"] == len(doc)
         assert llm.cache_entries("other") == []
-        assert [e.kind for e in llm.tiers.events_since(0)] == ["published"]  # type: ignore[union-attr]
+        assert [e.kind for e in llm.engine.tiers.events_since(0)] == ["published"]  # type: ignore[union-attr]
 
 
 def test_a_run_at_any_offset_of_a_plain_prompt_is_promoted(model: Path, tmp_path: Path) -> None:
@@ -258,7 +258,7 @@ def test_a_run_at_any_offset_of_a_plain_prompt_is_promoted(model: Path, tmp_path
     plain = other + doc[7:95] + other[:5]  # no segment marks: a middle run of the entry, elsewhere
     with engine(model, kv_disk=disk) as b:
         out = b.generate([plain], GREEDY, reuse="naive")[0]
-        assert b.tiers is not None and b.tiers.stats.num_promoted == 1
+        assert b.engine.tiers is not None and b.engine.tiers.stats.num_promoted == 1
         assert out.metrics.num_segment_hit_tokens == 88  # admission's any-offset lookup found the run
 
 
@@ -270,11 +270,11 @@ def test_a_redis_hit_is_copied_into_the_disk_tier(model: Path, tmp_path: Path, r
     disk = str(tmp_path / "disk")
     with engine(model, kv_store=redis_server.url, kv_disk=disk) as b:
         assert b.generate(prompt, GREEDY, reuse="naive")[0].metrics.num_segment_hit_tokens == len(doc)
-        assert b.tiers is not None and set(b.tiers.stats.bytes_by_tier) == {"redis"}
+        assert b.engine.tiers is not None and set(b.engine.tiers.stats.bytes_by_tier) == {"redis"}
     redis_server.kill()
     with engine(model, kv_disk=disk) as c:  # the disk alone now serves it, block index included
         assert c.generate(prompt, GREEDY, reuse="naive")[0].metrics.num_segment_hit_tokens == len(doc)
-        assert c.tiers is not None and set(c.tiers.stats.bytes_by_tier) == {"disk"}
+        assert c.engine.tiers is not None and set(c.engine.tiers.stats.bytes_by_tier) == {"disk"}
 
 
 def test_a_slow_redis_costs_a_bounded_wait_and_a_recompute(model: Path, redis_server: RedisServer) -> None:

@@ -46,7 +46,7 @@ def replica(tiny_model_dir: Any) -> Iterator[Any]:
 
 def settle(llm: LLM, sub: Subscriber) -> None:
     """Pending tier writes done, their events published and read."""
-    assert llm.tiers is not None and llm.tiers.writer.flush(30)
+    assert llm.engine.tiers is not None and llm.engine.tiers.writer.flush(30)
     assert llm.kv_events is not None and llm.kv_events.flush()
     sub.drain()
 
@@ -74,7 +74,7 @@ def test_a_replica_announces_what_it_promoted_from_redis(replica: Any, redis_ser
     a, _ = replica(kv_store=redis_server.url)
     d = doc(4, 40)
     a.generate([[Segment(d), QUESTION]], ONE, reuse=PLAIN)
-    assert a.tiers is not None and a.tiers.writer.flush(30)
+    assert a.engine.tiers is not None and a.engine.tiers.writer.flush(30)
 
     b, sub_b = replica(kv_store=redis_server.url)
     out = b.generate([[[1, 2, 3], Segment(d), QUESTION]], ONE, reuse={**PLAIN, "method": "naive"})[0]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from sparsex.reuse.tier_keys import (
+from sparsex.kv.admission import namespace_regions
+from sparsex.kv.tier_keys import (
     block_hash,
     entry_hash,
     index_record,
-    namespace_regions,
     parse_index_record,
     window_hashes,
 )
@@ -53,6 +53,8 @@ def test_index_records_round_trip_and_junk_is_ignored() -> None:
 def test_namespace_regions_give_foreign_spans_their_own_namespace() -> None:
     spans = [SegmentSpan(10, 20, "explicit", "other"), SegmentSpan(30, 40, "explicit", "mine"),
              SegmentSpan(45, 60, "explicit", "")]
-    assert namespace_regions(50, spans, "mine") == [(0, 10, "mine"), (10, 20, "other"), (20, 50, "mine")]
-    assert namespace_regions(15, spans, "mine") == [(0, 10, "mine"), (10, 15, "other")]
-    assert namespace_regions(8, [], "") == [(0, 8, "")]
+    assert namespace_regions(0, 50, spans, "mine") == [(0, 10, "mine"), (10, 20, "other"), (20, 50, "mine")]
+    assert namespace_regions(0, 15, spans, "mine") == [(0, 10, "mine"), (10, 15, "other")]
+    assert namespace_regions(0, 8, [], "") == [(0, 8, "")]
+    assert namespace_regions(12, 50, spans, "mine") == [(12, 20, "other"), (20, 50, "mine")]
+    assert namespace_regions(25, 50, spans, "mine") == [(25, 50, "mine")]

@@ -20,7 +20,7 @@ def test_load_breakdown_moves_the_reused_rows_and_leaks_nothing(tiny_model_dir: 
     assert parts["rows"] == hits
     assert all(parts[k] > 0 for k in ("lookup", "load", "copy_floor"))
     assert not llm.has_unfinished()
-    assert llm.pool.num_free_blocks == llm.pool.num_blocks - llm.pool.num_pinned_blocks
+    assert llm.engine.pool.num_free_blocks == llm.engine.pool.num_blocks - llm.engine.pool.num_pinned_blocks
 
 
 def test_bench_reuse_reports_quality_next_to_ttft(tiny_model_dir: Any, tmp_path: Any) -> None:

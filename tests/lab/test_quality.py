@@ -50,7 +50,7 @@ def test_layer_analysis_brackets_naive_and_full_prefill(llm: LLM) -> None:
     assert naive.kl > 1e-6
     assert kl["none"] == pytest.approx(naive.kl, rel=1e-3)  # the mix with no true layer is naive
     assert kl[">=1"] < kl["none"]
-    assert llm.pool.num_free_blocks == llm.pool.num_blocks  # both requests gave their blocks back
+    assert llm.engine.pool.num_free_blocks == llm.engine.pool.num_blocks  # both requests gave their blocks back
 
 
 def test_late_start_joins_the_recorded_hidden_states(llm: LLM) -> None:
@@ -68,4 +68,4 @@ def test_late_start_joins_the_recorded_hidden_states(llm: LLM) -> None:
     same = WorkItem(name="same", warmup=[item.prompt], prompt=item.prompt, answer=None, kind="rag")
     exact = late_start_effect(llm, same, [1], namespace="ls-same")
     assert exact["naive"][0] <= 1e-8 and exact["all@1"][0] <= 1e-7  # fp noise of a separate pass; wrong states: ~3e-6
-    assert llm.pool.num_free_blocks == llm.pool.num_blocks
+    assert llm.engine.pool.num_free_blocks == llm.engine.pool.num_blocks

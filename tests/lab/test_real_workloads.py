@@ -129,7 +129,7 @@ def test_evidence_reads_the_files_malformed_entries_too() -> None:
 
 def test_sessions_render_every_turn_and_skip_empty_ones() -> None:
     sessions = sessions_of(_conversation()["conversation"])  # type: ignore[arg-type]
-    assert sorted(sessions) == [1, 2, 3, 4, 5, 6]  # session 7 has a date but no turns
+    assert sorted(sessions) == [1, 2, 3, 4, 5, 6]  # the seventh session has a date but no turns
     assert sessions[2].text.splitlines()[0] == "Session 2 (6:45 pm on 11 March, 2024):"
     assert "Tomas: A physiotherapist called Dr. Okafor." in sessions[2].text
 

@@ -84,4 +84,4 @@ def test_harness_forced_kl_equals_a_direct_forced_run(llm: LLM, item: WorkItem) 
     rows = {r["method"]: r for r in summarize(results)}
     assert rows["naive"]["gap_closed16"] == 0.0
     assert rows["blend:budget=1.0"]["gap_closed16"] == pytest.approx(1.0, abs=1e-4)
-    assert llm.pool.num_free_blocks == llm.pool.num_blocks
+    assert llm.engine.pool.num_free_blocks == llm.engine.pool.num_blocks

@@ -140,7 +140,7 @@ class FailingLLM:
 
 def test_engine_failure_is_a_500_without_details(model_dir: Path) -> None:
     llm = FailingLLM(make_llm(model_dir))
-    free = llm.pool.num_free_blocks
+    free = llm.engine.pool.num_free_blocks
     with BackgroundServer(create_app(llm)) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:  # type: ignore[arg-type]
         body = {"prompt": "Fail", "max_tokens": 3}
         err = assert_error(http.post("/v1/completions", json=body), 500, code="engine_error")
@@ -151,4 +151,4 @@ def test_engine_failure_is_a_500_without_details(model_dir: Path) -> None:
         llm.fail = False
         assert http.post("/v1/completions", json=body).status_code == 200  # the loop lives on
         assert http.get("/health").json()["status"] == "ok"
-    assert llm.pool.num_free_blocks == free
+    assert llm.engine.pool.num_free_blocks == free

@@ -14,8 +14,8 @@ from tests.server.helpers import httpx, make_llm
 def test_n_choices_prefill_once_and_match_separate_seeded_runs(model_dir: Path) -> None:
     llm, ref = make_llm(model_dir), make_llm(model_dir)
     starts: list[Any] = []
-    real = llm.prefiller.start
-    llm.prefiller.start = lambda *a: (starts.append(a), real(*a))[1]  # type: ignore[method-assign]
+    real = llm.engine.prefiller.start
+    llm.engine.prefiller.start = lambda *a: (starts.append(a), real(*a))[1]  # type: ignore[method-assign]
     prompt = "The history of the printing press " * 8
     body = {"model": llm.model_name, "prompt": prompt, "n": 4, "max_tokens": 6, "temperature": 0.9, "seed": 11}
     with BackgroundServer(create_app(llm, max_queue=16, default_max_tokens=8)) as srv:

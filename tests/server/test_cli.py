@@ -51,7 +51,7 @@ def test_serve_main_builds_the_app(model_dir: Path, monkeypatch: pytest.MonkeyPa
     app = server.config.app
     assert app.state.engine.max_queue == 7 and app.state.lifecycle.grace_s == 2.5
     assert app.state.config.metrics == "open" and not app.state.config.tenants.enabled
-    assert app.state.llm.pool.num_blocks * app.state.llm.pool.block_size > 0
+    assert app.state.llm.engine.pool.num_blocks * app.state.llm.engine.pool.block_size > 0
 
 
 def test_security_options(tmp_path: Path) -> None:

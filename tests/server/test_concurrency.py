@@ -66,7 +66,7 @@ def long_body(model: str, stream: bool) -> dict[str, Any]:
 def test_disconnect_frees_blocks(server: BackgroundServer, llm: Any, model: str, stream: bool) -> None:
     engine = server_engine(server)
     wait_until(lambda: engine.num_inflight == 0, what="an idle engine")
-    free = llm.pool.num_free_blocks
+    free = llm.engine.pool.num_free_blocks
     aborted = engine.num_aborted
     if stream:
         with httpx.Client(base_url=server.url, timeout=60) as http:
@@ -79,4 +79,4 @@ def test_disconnect_frees_blocks(server: BackgroundServer, llm: Any, model: str,
             with pytest.raises(httpx.ReadTimeout):
                 http.post("/v1/completions", json=long_body(model, False))
     wait_until(lambda: engine.num_aborted == aborted + 1, what="the request to be aborted")
-    wait_until(lambda: llm.pool.num_free_blocks == free and engine.num_inflight == 0, what="blocks to be freed")
+    wait_until(lambda: llm.engine.pool.num_free_blocks == free and engine.num_inflight == 0, what="blocks to be freed")

@@ -21,7 +21,7 @@ def long_request(llm: object) -> list[object]:
 
 def test_submit_stream_and_shutdown(model_dir: Path) -> None:
     llm = make_llm(model_dir)
-    free = llm.pool.num_free_blocks
+    free = llm.engine.pool.num_free_blocks
     engine = EngineLoop(llm, max_queue=4)
 
     async def scenario() -> str | None:
@@ -38,13 +38,13 @@ def test_submit_stream_and_shutdown(model_dir: Path) -> None:
 
     assert asyncio.run(scenario()) == "abort"
     assert not engine.is_alive
-    assert llm.pool.num_free_blocks == free
+    assert llm.engine.pool.num_free_blocks == free
     assert engine.num_inflight == 0 and engine.num_aborted == 1
 
 
 def test_abort_and_failures_release_slots(model_dir: Path) -> None:
     llm = make_llm(model_dir)
-    free = llm.pool.num_free_blocks
+    free = llm.engine.pool.num_free_blocks
     engine = EngineLoop(llm, max_queue=2)
 
     def bad(_: object) -> list[object]:
@@ -63,7 +63,7 @@ def test_abort_and_failures_release_slots(model_dir: Path) -> None:
         while ev.finish_reason is None:
             ev = await asyncio.wait_for(sub.events.get(), 10)
         assert ev.finish_reason == "abort" and ev.metrics is not None
-        assert await engine.call(lambda llm: llm.pool.num_free_blocks) == free
+        assert await engine.call(lambda llm: llm.engine.pool.num_free_blocks) == free
         with pytest.raises(KeyError):
             await engine.call(lambda llm: {}["missing"])  # errors reach the caller, the loop lives on
         assert engine.num_inflight == 0 and engine.is_alive

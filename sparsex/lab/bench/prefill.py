@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     llm = LLM(model=args.model, max_prefill_tokens=None)  # full prefill unchunked, as transformers runs it
     load_s = time.perf_counter() - t0
-    ref: Any = AutoModelForCausalLM.from_pretrained(str(llm.model_path), dtype=torch.float32)
+    ref: Any = AutoModelForCausalLM.from_pretrained(str(llm.engine.model_path), dtype=torch.float32)
     ref.eval()
     gen = torch.Generator().manual_seed(0)
     rows, results = [], []

@@ -59,21 +59,22 @@ def load_breakdown(llm: Any, prompt: list[Any], namespace: str, repeats: int) ->
     import torch
 
     from sparsex import SamplingParams
-    from sparsex.kv_manager import auto_spans
+    from sparsex.cache import blocks_for_tokens
+    from sparsex.kv.admission import auto_spans
 
     req = llm.add_request(prompt, SamplingParams(max_tokens=1), reuse={"method": "naive", "namespace": namespace})
     llm.abort(req)  # only its tokens and spans are needed
     ids, n = req.prompt_token_ids, len(req.prompt_token_ids)
     spans = list(req.spans) + auto_spans(n, ids, list(req.spans), namespace)
-    store, kv, pool = llm.store, llm.kv, llm.pool
+    store, kv, pool = llm.engine.store, llm.engine.kv, llm.engine.pool
     ns = req.reuse.namespace
     parts: dict[str, list[float]] = {"lookup": [], "load": [], "copy_floor": []}
     bufs: tuple[torch.Tensor, torch.Tensor] | None = None
     for _ in range(repeats + 1):  # the first round warms up and is dropped
         t0 = time.perf_counter()
-        _, prefix_blocks, hits = llm.cache.lookup(ids, spans, ns, prefix=True, segments=True)
+        _, prefix_blocks, hits = llm.engine.cache.lookup(ids, spans, ns, prefix=True, segments=True)
         t1 = time.perf_counter()
-        table = prefix_blocks + pool.allocate(-(-n // pool.block_size) - len(prefix_blocks))
+        table = prefix_blocks + pool.allocate(blocks_for_tokens(n, pool.block_size) - len(prefix_blocks))
         try:
             t2 = time.perf_counter()
             loaded, _ = store.load(hits, table)  # releases the hits' source blocks

@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sparsex.lab.bench.common import machine, percentile, print_table, tail_percentile, write_json
+from sparsex.reuse.options import METHODS
 from sparsex.server.cli import parse_memory
-from sparsex.server.protocol import reuse_methods
 
 RAG_SYSTEM = "You answer questions using only the documents the user provides."
 QUESTIONS = (
@@ -214,7 +214,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--doc-chars", type=int, default=800, help="longest document, in characters")
     p.add_argument("--concurrency", type=int, default=4, help="conversations in flight at once")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request")
-    p.add_argument("--reuse", choices=[m for m in reuse_methods() if m != "none"], default=None,
+    p.add_argument("--reuse", choices=[m for m in METHODS if m != "none"], default=None,
                    help="reuse method of the 'on' run (default: blend)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/bench_serve.json")

@@ -66,7 +66,7 @@ def folder_size(path: str) -> tuple[int, int]:
 
 
 def sample(phase: str, done: int, llm: Any, disk: str, redis_client: Any) -> dict[str, Any]:
-    pool = llm.pool
+    pool = llm.engine.pool
     disk_bytes, disk_files = folder_size(disk)
     out: dict[str, Any] = {"phase": phase, "requests_done": done, "rss_bytes": rss_bytes(),
                            "pool_used_blocks": pool.num_blocks - pool.num_free_blocks,
@@ -157,8 +157,8 @@ def run(args: argparse.Namespace, redis_url: str | None, disk: str) -> dict[str,
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
-        if llm.tiers is not None:
-            llm.tiers.writer.flush(timeout=60)
+        if llm.engine.tiers is not None:
+            llm.engine.tiers.writer.flush(timeout=60)
         samples.append(sample("after", len(sent), llm, disk, rc))
         gc.collect()
         samples.append(sample("after gc", len(sent), llm, disk, rc))

@@ -78,7 +78,7 @@ def serve_b(args: argparse.Namespace, label: str, prompt: list[Any], store: dict
         if warm is not None:
             llm.generate([warm], one, reuse="none")
         out = llm.generate([prompt], one, reuse={"method": method, "register": False})[0]
-        stats = llm.tiers.stats if llm.tiers is not None else None
+        stats = llm.engine.tiers.stats if llm.engine.tiers is not None else None
         row = {
             "source": label, "method": method, "prompt_tokens": out.metrics.num_prompt_tokens,
             "ttft_s": out.metrics.ttft_s, "hit_tokens": out.metrics.num_segment_hit_tokens,

@@ -2,7 +2,7 @@
 
 The file is ``data/locomo10.json`` of github.com/snap-research/LoCoMo (Maharana et al., 2024;
 CC BY-NC 4.0): long conversations between two people in 19-32 dated sessions, with questions
-whose ``evidence`` names the dialogue turns that hold the answer (``D3:5`` = session 3, turn 5).
+whose ``evidence`` names the dialogue turns that hold the answer (``D3:5``: turn 5 of the third session).
 
 One item per question (adversarial questions, which have no answer, are left out):
 
@@ -59,7 +59,7 @@ class Session:
 
 
 def sessions_of(conversation: dict[str, Any]) -> dict[int, Session]:
-    """Every session with turns, by number: ``Session 3 (date):`` then one ``Speaker: text`` line a
+    """Every session with turns, by number: a ``Session <number> (<date>):`` line, then one ``Speaker: text`` line a
     turn (a shared photo's caption in brackets)."""
     out: dict[int, Session] = {}
     for key, turns in conversation.items():

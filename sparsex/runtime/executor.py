@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsex.kv_cache import KVCache
-from sparsex.model_runner import ModelRunner, SeqInput
+from sparsex.kv.paged import KVCache
 from sparsex.models.base import SeqSlice, StepContext
+from sparsex.runtime.model_runner import ModelRunner, SeqInput
 
 
 @dataclass(frozen=True)

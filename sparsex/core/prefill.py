@@ -3,7 +3,7 @@
     Admission (hits, blocks) ─▶ SegmentStore.load ─▶ plan_prefill ─▶ PlanExecution ─▶ SegmentStore.publish
                                   copy + realign      RecomputePlan    PlanRun      fresh KV only
 
-``Prefiller`` is given its dependencies (the segment store, the model runner, the planners) and
+``Prefiller`` is given its dependencies (the segment store, the model runner, the methods) and
 returns a ``PrefillResult``; it never reaches back into the engine.
 
 Every prefill is *chunked*, so the engine can interleave other requests' steps between calls of
@@ -22,18 +22,19 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
-from sparsex.kv_manager import Admission, fresh_pieces
-from sparsex.model_runner import ModelRunner, SeqInput
+from sparsex.core.request import PinSpec
+from sparsex.kv.admission import Admission, fresh_pieces
+from sparsex.kv.prompt_ends import PromptEnds
+from sparsex.kv.segment_store import SegmentStore
 from sparsex.models.base import ModelSpec
-from sparsex.request import PinSpec
-from sparsex.reuse.executor import PlanExecution, PlanRun, RecomputePlan, compute_fraction
 from sparsex.reuse.options import ReuseOptions
-from sparsex.reuse.planner import PLANNERS, PlanContext, Planner, ReuseSituation, plan_prefill
-from sparsex.reuse.prompt_ends import PromptEnds
-from sparsex.reuse.store import SegmentStore
+from sparsex.reuse.planner import PLANNERS, Method, PlanContext, ReuseSituation, plan_prefill
+from sparsex.runtime.executor import PlanExecution, PlanRun, RecomputePlan, compute_fraction
+from sparsex.runtime.model_runner import ModelRunner, SeqInput
 from sparsex.segments import SegmentSpan
 
 MIN_REUSED_SHARE = 0.05
@@ -65,16 +66,16 @@ class PrefillResult:
 
 
 class Prefiller:
-    """Runs prefills over one model's KV: built-in methods plus any ``planners`` given (the lab's)."""
+    """Runs prefills over one model's KV with the reuse ``methods`` it is given."""
 
     def __init__(
         self, store: SegmentStore, runner: ModelRunner, spec: ModelSpec,
-        planners: Mapping[str, Planner] | None = None,
+        methods: Mapping[str, Method[Any]] | None = None,
     ) -> None:
         self.store = store
         self.runner = runner
         self.spec = spec
-        self.planners: dict[str, Planner] = {**PLANNERS, **(planners or {})}
+        self.methods: dict[str, Method[Any]] = {**PLANNERS, **(methods or {})}
         self.context = PlanContext(spec, store.kv, runner)
         self.ends = PromptEnds(store.kv, store.pool)
 
@@ -108,7 +109,7 @@ class Prefiller:
         load_s = time.perf_counter() - t0
         seq = SeqInput(ids[start:], list(range(start, n)), table, n)
         situation = ReuseSituation(seq, start, reused, adm.runs, cached_at)
-        plan = plan_prefill(opts, situation, self.context, self.planners)
+        plan = plan_prefill(opts, situation, self.context, self.methods)
         return plan, reused, load_s
 
     def _finish(
@@ -120,10 +121,10 @@ class Prefiller:
         hit_sources: Counter[str] = Counter()
         for h in adm.hits:
             hit_sources[h.span.source] += h.num_tokens
-        if opts.register:
+        if opts.cache.register:
             first_reused = min((a for a, _ in adm.runs), default=n)
             fresh = [s for s in fresh_pieces(adm.spans, adm.runs)
-                     if s.end <= first_reused or opts.register_after_reuse]
+                     if s.end <= first_reused or opts.cache.register_after_reuse]
             self.store.publish(ids, table, opts.namespace, first_reused, fresh)
             if not adm.hits and plan.dense_layers == self.spec.num_layers and plan.adjust is None:
                 self.ends.remember(ids, table, opts.namespace, run.logits)  # computed exactly

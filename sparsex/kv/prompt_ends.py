@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsex.cache import BlockPool
-from sparsex.kv_cache import KVCache
+from sparsex.kv.paged import KVCache
 
 CAPACITY = 32
 """Prompt ends kept (each: up to one block of KV and one logits vector)."""

@@ -49,8 +49,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from sparsex.kv_manager import Admission
-from sparsex.request import Request, RequestStatus
+from sparsex.core.request import Request, RequestStatus
+from sparsex.kv.admission import Admission
 
 MAX_PREFILL_SKIPS = 4
 """Default ``max_skips``: a request's share of its own tenant's prefill turns is at least one in
@@ -58,7 +58,7 @@ MAX_PREFILL_SKIPS = 4
 
 
 class Admitter(Protocol):
-    """Decides cache hits and reserves blocks in one step (``sparsex.kv_manager.KVCacheManager``)."""
+    """Decides cache hits and reserves blocks in one step (``sparsex.kv.admission.KVCacheManager``)."""
 
     @property
     def block_size(self) -> int: ...

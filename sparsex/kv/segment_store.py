@@ -5,7 +5,7 @@
 
 Prefix blocks are shared read-only (exact). Segment KV is copied into the request's own
 blocks and its keys rotated to the new positions. Only KV computed fresh is published. Which
-blocks hold what is decided by ``sparsex.kv_manager`` (pure Python); this module moves tensors.
+blocks hold what is decided by ``sparsex.kv.admission`` (pure Python); this module moves tensors.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from sparsex.cache import NoFreeBlocksError
-from sparsex.kv_cache import KVCache
-from sparsex.kv_manager import KVCacheManager, SegmentReuse, own_namespace_len
+from sparsex.kv.admission import KVCacheManager, SegmentReuse, own_namespace_len
+from sparsex.kv.paged import KVCache
 from sparsex.models.base import ModelSpec
 from sparsex.models.rope import RopeTable, delta_rotation, rotate_into
 from sparsex.segments import SegmentSpan

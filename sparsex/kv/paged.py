@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from sparsex.cache import blocks_for_tokens
 from sparsex.models.base import KVRead, ModelSpec
 
 MAX_READ_RUNS = 8
@@ -53,7 +54,7 @@ class KVCache:
             table [7, 8, 9, 2, 3]   bs = 4, ctx_len = 18   ->  (slice(28, 40), slice(8, 14))
                    └ run ┘ └run┘                                blocks 7-9       2-3 (6 positions)
         """
-        bs, nb = self.block_size, -(-ctx_len // self.block_size)
+        bs, nb = self.block_size, blocks_for_tokens(ctx_len, self.block_size)
         runs: list[list[int]] = []  # [first block, number of blocks]
         for b in block_table[:nb]:
             if runs and b == runs[-1][0] + runs[-1][1]:

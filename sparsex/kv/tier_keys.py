@@ -24,8 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsex.segments import SegmentSpan
-
 PINS_NAMESPACE = "\x00sparsex-pins"
 """The namespace of the pins manifest key (no tenant namespace starts with a NUL)."""
 INDEX_VERSION = 2
@@ -92,21 +90,3 @@ def parse_index_record(value: bytes) -> str | None:
         return content
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
-
-
-def namespace_regions(end: int, spans: Sequence[SegmentSpan], ns: str) -> list[tuple[int, int, str]]:
-    """``[0, end)`` cut into regions searched in one namespace each: a span salted with another
-    namespace in its own, everything else in the request's ``ns``."""
-    foreign = sorted((s.start, min(s.end, end), s.namespace) for s in spans
-                     if s.namespace and s.namespace != ns and s.start < end)
-    out: list[tuple[int, int, str]] = []
-    cursor = 0
-    for a, b, other in foreign:
-        if a > cursor:
-            out.append((cursor, a, ns))
-        if b > max(a, cursor):
-            out.append((max(a, cursor), b, other))
-        cursor = max(cursor, b)
-    if cursor < end:
-        out.append((cursor, end, ns))
-    return out

@@ -16,11 +16,18 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
-from sparsex.cache import BlockPool, NoFreeBlocksError, PrefixCache, SegmentIndex, chunk_tokens
+from sparsex.cache import (
+    BlockPool,
+    NoFreeBlocksError,
+    PrefixCache,
+    SegmentIndex,
+    blocks_for_tokens,
+    chunk_tokens,
+)
 from sparsex.cache.listener import BlockListener
-from sparsex.request import Request
-from sparsex.reuse.options import ReuseOptions
+from sparsex.kv.policy import CachePolicy
 from sparsex.segments import SegmentSpan
 
 MIN_AUTO_TEXT = 64
@@ -79,10 +86,6 @@ class Admission:
         """Tokens of prompt segments that were found in part but not these ones (lost at seams:
         BPE merges across a boundary, edited text, runs shorter than the minimum)."""
         return seam_lost_tokens(self.spans, self.hits)
-
-    @property
-    def num_segment_tokens(self) -> int:
-        return sum(h.num_tokens for h in self.hits)
 
 
 def auto_spans(n: int, ids: list[int], spans: list[SegmentSpan], namespace: str) -> list[SegmentSpan]:
@@ -144,17 +147,16 @@ def fresh_pieces(
 def namespace_regions(start: int, end: int, spans: Sequence[SegmentSpan], ns: str) -> list[tuple[int, int, str]]:
     """``[start, end)`` cut into maximal regions searched in one namespace each: a span salted with
     another namespace is searched in its own; everything else in the request's ``ns``."""
-    foreign = sorted((s.start, s.end, s.namespace) for s in spans if s.namespace and s.namespace != ns)
+    foreign = sorted((max(s.start, start), min(s.end, end), s.namespace) for s in spans
+                     if s.namespace and s.namespace != ns and s.start < end and s.end > start)
     out: list[tuple[int, int, str]] = []
     cursor = start
     for a, b, other in foreign:
-        a, b = max(a, start), min(b, end)
-        if b <= cursor:
-            continue
         if a > cursor:
             out.append((cursor, a, ns))
-        out.append((max(a, cursor), b, other))
-        cursor = b
+        if b > max(a, cursor):
+            out.append((max(a, cursor), b, other))
+        cursor = max(cursor, b)
     if cursor < end:
         out.append((cursor, end, ns))
     return out
@@ -166,6 +168,27 @@ def source_at(spans: Sequence[SegmentSpan], position: int) -> str:
         if s.start <= position < s.end and s.source != "auto":
             return str(s.source)
     return "auto"
+
+
+class AdmissionRequest(Protocol):
+    """What admission reads of a request (``sparsex.core.request.Request`` is one)."""
+
+    @property
+    def prompt_token_ids(self) -> list[int]: ...
+
+    @property
+    def spans(self) -> list[SegmentSpan]: ...
+
+    @property
+    def cache(self) -> CachePolicy: ...
+
+    @property
+    def uses_prefix(self) -> bool: ...
+
+    @property
+    def reuses_segments(self) -> bool: ...
+
+    def blocks_needed(self, block_size: int) -> int: ...
 
 
 class KVCacheManager:
@@ -188,9 +211,9 @@ class KVCacheManager:
         return self.pool.block_size
 
     def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.pool.block_size)
+        return blocks_for_tokens(num_tokens, self.pool.block_size)
 
-    def admit(self, req: Request, reserved_blocks: int) -> Admission | None:
+    def admit(self, req: AdmissionRequest, reserved_blocks: int) -> Admission | None:
         """Find ``req``'s hits and allocate its prompt blocks, or None (nothing held) if it cannot
         fit: prompt + ``max_tokens`` must fit in the free blocks less ``reserved_blocks`` (what
         running requests may still allocate)."""
@@ -198,14 +221,14 @@ class KVCacheManager:
         if need > self.pool.num_free_blocks - reserved_blocks:
             return None
         t0 = time.perf_counter()
-        opts: ReuseOptions = req.reuse
+        cache = req.cache
         spans = list(req.spans)
         n = len(req.prompt_token_ids)
-        if opts.auto_segments:
-            spans += auto_spans(n, req.prompt_token_ids, spans, opts.namespace)
+        if cache.auto_segments:
+            spans += auto_spans(n, req.prompt_token_ids, spans, cache.namespace)
         prefix_len, prefix_blocks, hits = self.lookup(
-            req.prompt_token_ids, spans, opts.namespace, prefix=opts.uses_prefix, segments=opts.reuses_segments,
-            plain_text=opts.auto_segments,
+            req.prompt_token_ids, spans, cache.namespace, prefix=req.uses_prefix, segments=req.reuses_segments,
+            plain_text=cache.auto_segments,
         )
         # Hits on cached free blocks took them off the free list; hand hits back until it fits.
         while need - len(prefix_blocks) > self.pool.num_free_blocks - reserved_blocks and hits:
@@ -253,7 +276,7 @@ class KVCacheManager:
                 hits.append(SegmentReuse(span, run.num_tokens, run.block_ids, run.positions, run.first_offset))
         return prefix_len, prefix_blocks, hits
 
-    def allocate_prompt(self, req: Request) -> list[int]:
+    def allocate_prompt(self, req: AdmissionRequest) -> list[int]:
         """Blocks for ``req``'s prompt, no lookup (a follower: it copies its leader's prompt KV)."""
         return self.pool.allocate(self.blocks_for(len(req.prompt_token_ids)))
 

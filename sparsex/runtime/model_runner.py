@@ -1,7 +1,7 @@
 """Model runner: turns per-sequence inputs into one flat forward step and runs the layer loop.
 
 The hot path reads as: prepare inputs -> run layers -> logits of each sequence's last token.
-A prefill that recomputes only part of the prompt is run by ``sparsex.reuse.executor``.
+A prefill that recomputes only part of the prompt is run by ``sparsex.runtime.executor``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsex.kv_cache import KVCache
+from sparsex.kv.paged import KVCache
 from sparsex.models.base import CausalLM, SeqSlice, StepContext
 
 

@@ -1,14 +1,24 @@
-"""Per-request state (pure Python: token ids, block ids, counters)."""
+"""Per-request state: everything a request carries through its life (pure Python: the tensors it
+holds are only typed here, never imported)."""
 
 from __future__ import annotations
 
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from sparsex.cache import blocks_for_tokens
+from sparsex.detokenize import IncrementalText
+from sparsex.kv.policy import CachePolicy
 from sparsex.reuse.options import ReuseOptions
 from sparsex.sampling_params import SamplingParams
 from sparsex.segments import SegmentSpan
+
+if TYPE_CHECKING:
+    import torch
+
+    from sparsex.core.prefill import PrefillTask, RecalledPrefill
 
 DEFAULT_TENANT = "default"
 """The tenant of requests that name none (the Python API; the server without API keys)."""
@@ -80,6 +90,20 @@ class RequestMetrics:
 
 
 @dataclass
+class KeptLogits:
+    """Distributions a request keeps for analysis (``keep_first_logits``).
+
+    steps_wanted: how many generated tokens' distributions to keep.
+    first: the first token's logits and the prompt positions the prefill recomputed.
+    steps: log-probabilities of each kept generated token.
+    """
+
+    steps_wanted: int
+    first: tuple[torch.Tensor, torch.Tensor] | None = None
+    steps: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
 class Request:
     """A prompt being served. Invariant: ``block_table`` covers every computed KV position.
 
@@ -115,6 +139,28 @@ class Request:
     pin: PinSpec | None = None
     pinned_segment_id: str | None = None
     """For a pin request: the pinned segment's id once done."""
+    prefill: PrefillTask | RecalledPrefill | None = None
+    """Its prefill while under way (set at admission, cleared when the prompt is done)."""
+    generator: torch.Generator | None = None
+    """Its sampling generator (seeded requests)."""
+    kept: KeptLogits | None = None
+    """What it keeps for analysis, if asked."""
+    error: Exception | None = None
+    """What failed it (``finish_reason == "error"``), until collected."""
+    detokenizer: IncrementalText = field(default_factory=IncrementalText)
+
+    @property
+    def cache(self) -> CachePolicy:
+        """The request's cache policy (namespace, what it publishes)."""
+        return self.reuse.cache
+
+    @property
+    def uses_prefix(self) -> bool:
+        return self.reuse.uses_prefix
+
+    @property
+    def reuses_segments(self) -> bool:
+        return self.reuse.reuses_segments
 
     @property
     def num_tokens(self) -> int:
@@ -132,4 +178,4 @@ class Request:
     def blocks_needed(self, block_size: int) -> int:
         """Blocks for the whole prompt plus every token it may generate."""
         total = len(self.prompt_token_ids) + self.params.max_tokens
-        return -(-total // block_size)
+        return blocks_for_tokens(total, block_size)

@@ -40,8 +40,20 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from sparsex.kv.admission import AdmissionRequest, namespace_regions
+from sparsex.kv.segment_store import PublishedSegment, SegmentStore
+from sparsex.kv.tier_keys import (
+    INDEX_VERSION,
+    PINS_NAMESPACE,
+    block_hash,
+    entry_hash,
+    index_record,
+    parse_index_record,
+    weights_identity,
+    window_hashes,
+)
 from sparsex.kvevents import KVEventRecorder
 from sparsex.kvstore import (
     BackgroundWriter,
@@ -58,20 +70,14 @@ from sparsex.kvstore import (
     model_fingerprint,
 )
 from sparsex.kvstore.keys import key_prefix
-from sparsex.request import Request
-from sparsex.reuse.store import PublishedSegment, SegmentStore
-from sparsex.reuse.tier_keys import (
-    INDEX_VERSION,
-    PINS_NAMESPACE,
-    block_hash,
-    entry_hash,
-    index_record,
-    namespace_regions,
-    parse_index_record,
-    weights_identity,
-    window_hashes,
-)
 from sparsex.segments import SegmentSpan
+
+
+class PrefetchRequest(AdmissionRequest, Protocol):
+    """What the prefetch reads of a waiting request (``sparsex.core.request.Request`` is one)."""
+
+    @property
+    def request_id(self) -> str: ...
 
 log = logging.getLogger("sparsex.kvstore")
 
@@ -218,7 +224,7 @@ class TierCache:
 
     # ----- lookup + promotion ----------------------------------------------------------------------
 
-    def prefetch(self, waiting: Iterable[Request], max_requests: int = 2) -> int:
+    def prefetch(self, waiting: Iterable[PrefetchRequest], max_requests: int = 2) -> int:
         """Promote into the pool what the tiers hold for the first ``max_requests`` waiting requests
         not looked up yet (admission takes the queue's head: the rest wait for later steps, so one
         step never pays for a whole queue). Returns the number of entries promoted. Never raises."""
@@ -227,13 +233,13 @@ class TierCache:
         budget = max_requests
         for req in waiting:
             live.add(req.request_id)
-            if req.request_id in self._prefetched or not req.reuse.reuses_segments or budget == 0:
+            if req.request_id in self._prefetched or not req.reuses_segments or budget == 0:
                 continue
             budget -= 1
             self._prefetched.add(req.request_id)
             t0 = time.perf_counter()
             try:
-                promoted += self._prefetch(req.prompt_token_ids, req.spans, req.reuse.namespace)
+                promoted += self._prefetch(req.prompt_token_ids, req.spans, req.cache.namespace)
             except Exception:
                 log.exception("kv store: prefetch failed; the request recomputes")
             self.stats.promote_s += time.perf_counter() - t0
@@ -243,7 +249,7 @@ class TierCache:
     def _prefetch(self, ids: list[int], spans: Sequence[SegmentSpan], ns: str) -> int:
         bs, n = self.block_size, len(ids)
         wanted: dict[str, tuple[str, int]] = {}  # index key -> (namespace, prompt position)
-        for a, b, region_ns in namespace_regions(n - 1, spans, ns):  # never the last token
+        for a, b, region_ns in namespace_regions(0, n - 1, spans, ns):  # never the last token
             covered = self._pool_covered(ids[a:b], region_ns)
             prefix = key_prefix(self.fingerprint, region_ns)
             for p, window in enumerate(window_hashes(ids[a:b], bs, region_ns), start=a):
