@@ -12,9 +12,10 @@ from sparsex.sampling_params import SamplingParams
 from sparsex.segments import Segment
 
 if TYPE_CHECKING:
+    from sparsex.config import EngineConfig
     from sparsex.llm import LLM, RequestOutput
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams", "Segment"]
+__all__ = ["LLM", "EngineConfig", "RequestOutput", "SamplingParams", "Segment"]
 __version__ = "0.1.0"
 
 
@@ -23,4 +24,8 @@ def __getattr__(name: str) -> Any:
         from sparsex import llm
 
         return getattr(llm, name)
+    if name == "EngineConfig":
+        from sparsex.config import EngineConfig
+
+        return EngineConfig
     raise AttributeError(f"module 'sparsex' has no attribute {name!r}")

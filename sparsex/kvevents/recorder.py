@@ -1,7 +1,7 @@
 """``KVEventRecorder``: hears the cache and the store tiers, publishes vLLM KV events off-thread.
 
     engine thread  blocks_stored / block_removed (sparsex.cache)  ─┐
-                   entry (reuse.tiers: an entry and its tokens)     ├─▶ bounded queue ──thread──▶ EventBuilder
+                   entry (kv.tiers: an entry and its tokens)       ├─▶ bounded queue ──thread──▶ EventBuilder
     writer thread  stored / removed (sparsex.kvstore, per tier)    ─┘   (put_nowait)            ─▶ EventBatch
                                                                                                 ─▶ ZMQ PUB
 Every call only appends to the queue: it never waits and never raises. When the queue is full the
