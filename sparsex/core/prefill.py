@@ -32,7 +32,7 @@ from sparsex.kv.prompt_ends import PromptEnds
 from sparsex.kv.segment_store import SegmentStore
 from sparsex.models.base import ModelSpec
 from sparsex.reuse.options import ReuseOptions
-from sparsex.reuse.planner import PLANNERS, Method, PlanContext, ReuseSituation, plan_prefill
+from sparsex.reuse.planner import Method, PlanContext, ReuseSituation, plan_prefill
 from sparsex.runtime.executor import PlanExecution, PlanRun, RecomputePlan, compute_fraction
 from sparsex.runtime.model_runner import ModelRunner, SeqInput
 from sparsex.segments import SegmentSpan
@@ -66,16 +66,16 @@ class PrefillResult:
 
 
 class Prefiller:
-    """Runs prefills over one model's KV with the reuse ``methods`` it is given."""
+    """Runs prefills over one model's KV with the reuse ``methods`` it is given (the engine's
+    registry: the built-in planners plus any added ones)."""
 
     def __init__(
-        self, store: SegmentStore, runner: ModelRunner, spec: ModelSpec,
-        methods: Mapping[str, Method[Any]] | None = None,
+        self, store: SegmentStore, runner: ModelRunner, spec: ModelSpec, methods: Mapping[str, Method[Any]],
     ) -> None:
         self.store = store
         self.runner = runner
         self.spec = spec
-        self.methods: dict[str, Method[Any]] = {**PLANNERS, **(methods or {})}
+        self.methods = methods
         self.context = PlanContext(spec, store.kv, runner)
         self.ends = PromptEnds(store.kv, store.pool)
 
